@@ -1,0 +1,213 @@
+"""The processes of a local platform, in start order, each with its readiness check."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from medmesh.launcher.config import PlatformConfig
+from medmesh.launcher.gateway import envoy_command, render_envoy_config
+from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
+
+HealthCheck = Callable[[], Awaitable[bool]]
+
+# The Python components: (name, module, what it serves).
+SERVICES: list[tuple[str, str]] = [
+    ("organization", "services.organization"),
+    ("device", "services.device"),
+]
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    argv: list[str]
+    health: HealthCheck
+    endpoint: str
+    ports: list[int]
+    env: dict[str, str] = field(default_factory=dict)
+    start_timeout: float = 60.0
+
+
+async def mongodb_ready(uri: str) -> bool:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(uri, serverSelectionTimeoutMS=500)
+    try:
+        await client.admin.command("ping")
+        return True
+    except Exception:  # not up yet
+        return False
+    finally:
+        await client.close()
+
+
+async def http_ok(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def grpc_serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def service_environment(config: PlatformConfig) -> dict[str, str]:
+    """What every Python component is told: where the stores and its peers are."""
+    credentials = config.s3_credentials()
+    env = {
+        "MEDMESH_GRPC_HOST": "127.0.0.1",
+        "MEDMESH_MONGODB_URI": config.mongodb_uri,
+        "MEDMESH_S3_ENDPOINT": config.s3_endpoint,
+        "MEDMESH_S3_ACCESS_KEY": credentials.access_key,
+        "MEDMESH_S3_SECRET_KEY": credentials.secret_key,
+        "PYTHONUNBUFFERED": "1",
+    }
+    for peer in DEFAULT_GRPC_PORTS:
+        env[f"MEDMESH_{peer.upper()}_ADDR"] = f"127.0.0.1:{config.port(peer)}"
+    return env
+
+
+def _seaweedfs(config: PlatformConfig) -> Component:
+    data = config.data_dir / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    credentials = config.s3_credentials()
+    identities = config.state_dir / "seaweedfs-s3.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "medmesh",
+                        "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    identities.chmod(0o600)
+    p = config.port
+    # Its defaults bind every interface and report telemetry: override both.
+    argv = [
+        str(Path(sys.executable).with_name("weed")),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        f"-admin.port={p('seaweedfs_admin')}",
+        f"-master.port={p('seaweedfs_master')}",
+        f"-volume.port={p('seaweedfs_volume')}",
+        f"-filer.port={p('seaweedfs_filer')}",
+        f"-s3.port={p('s3')}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        f"-s3.config={identities}",
+    ]
+    return Component(
+        "seaweedfs",
+        argv,
+        lambda: http_ok(f"http://{config.s3_endpoint}/healthz"),
+        f"http://{config.s3_endpoint} (S3)",
+        [p("s3"), p("seaweedfs_master"), p("seaweedfs_volume"), p("seaweedfs_filer"), p("seaweedfs_admin")],
+    )
+
+
+def _ferretdb(config: PlatformConfig) -> Component:
+    data = config.data_dir / "ferretdb"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(config.ferretdb_binary),
+        "--handler=sqlite",
+        f"--sqlite-url=file:{data}/",
+        f"--state-dir={data}",
+        f"--listen-addr=127.0.0.1:{config.port('ferretdb')}",
+        f"--debug-addr=127.0.0.1:{config.port('ferretdb_debug')}",
+        "--telemetry=disable",
+        "--log-level=warn",
+    ]
+    uri = config.mongodb_uri
+    return Component("ferretdb", argv, lambda: mongodb_ready(uri), uri, [config.port("ferretdb"), config.port("ferretdb_debug")])
+
+
+def _python_component(config: PlatformConfig, name: str, module: str) -> Component:
+    port = config.port(name)
+    address = f"127.0.0.1:{port}"
+    env = {**service_environment(config), "MEDMESH_GRPC_PORT": str(port)}
+    return Component(
+        name, [sys.executable, "-m", module], lambda: grpc_serving(address), f"grpc {address}", [port], env
+    )
+
+
+def _envoy(config: PlatformConfig) -> Component:
+    rendered = render_envoy_config(
+        config.root / "gateway" / "envoy.yaml",
+        config.state_dir / "envoy.yaml",
+        listen_host="127.0.0.1",
+        listen_port=config.port("gateway"),
+        admin_port=config.port("gateway_admin"),
+        upstreams={name: ("127.0.0.1", config.port(name)) for name, _ in SERVICES},
+        tls_cert=config.tls_dir / "server.crt",
+        tls_key=config.tls_dir / "server.key",
+        descriptor=config.descriptor_set,
+    )
+    admin = config.port("gateway_admin")
+    return Component(
+        "gateway",
+        envoy_command(rendered),
+        lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        f"https://localhost:{config.port('gateway')} (REST/JSON and gRPC, TLS 1.3)",
+        [config.port("gateway"), admin],
+    )
+
+
+def platform_components(config: PlatformConfig) -> list[Component]:
+    """Dependency order: stores, services, the MQTT adapter, then the gateway in front."""
+    components: list[Component] = []
+    if not config.external_mongodb_uri:
+        components.append(_ferretdb(config))
+    if not config.external_s3_endpoint:
+        components.append(_seaweedfs(config))
+    components += [_python_component(config, name, module) for name, module in SERVICES]
+    components.append(_python_component(config, "mqtt_adapter", "mqtt_adapter"))
+    components.append(_envoy(config))
+    return components
+
+
+def prerequisites(config: PlatformConfig) -> list[str]:
+    """What `make setup` should have produced and is missing."""
+    missing = []
+    if not config.external_mongodb_uri and not os.access(config.ferretdb_binary, os.X_OK):
+        missing.append(f"FerretDB binary {config.ferretdb_binary}")
+    if not config.descriptor_set.exists():
+        missing.append(f"descriptor set {config.descriptor_set} (tools/protogen.py)")
+    if not (config.tls_dir / "server.crt").exists():
+        missing.append(f"local TLS certificates in {config.tls_dir}")
+    return missing
+
+
+async def wait_until(check: HealthCheck, timeout: float, interval: float = 0.25) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(interval)
+    return False

@@ -1,0 +1,111 @@
+"""Where the local platform listens and keeps its state.
+
+Every port has a default and moves together with MEDMESH_PORT_OFFSET, so a second
+platform (the test suite's) can run beside a developer's. MEDMESH_MONGODB_URI and
+MEDMESH_S3_ENDPOINT point the services at external stores instead of the embedded ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+FERRETDB_VERSION = "v1.24.2"
+
+# Embedded defaults; the gRPC services' ports come from DEFAULT_GRPC_PORTS.
+BASE_PORTS: dict[str, int] = {
+    "gateway": 8443,
+    "gateway_admin": 9901,
+    "ferretdb": 27017,
+    "ferretdb_debug": 28088,
+    "s3": 8333,
+    "seaweedfs_master": 9333,
+    "seaweedfs_volume": 9340,
+    "seaweedfs_filer": 8888,
+    "seaweedfs_admin": 13646,
+    **DEFAULT_GRPC_PORTS,
+}
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+@dataclass(frozen=True)
+class S3Credentials:
+    access_key: str
+    secret_key: str
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    root: Path
+    state_dir: Path
+    port_offset: int
+    external_mongodb_uri: str
+    external_s3_endpoint: str
+
+    @classmethod
+    def from_env(cls) -> PlatformConfig:
+        state = Path(_env("MEDMESH_STATE_DIR") or REPO_ROOT / ".medmesh").resolve()
+        return cls(
+            root=REPO_ROOT,
+            state_dir=state,
+            port_offset=int(_env("MEDMESH_PORT_OFFSET") or 0),
+            external_mongodb_uri=_env("MEDMESH_MONGODB_URI"),
+            external_s3_endpoint=_env("MEDMESH_S3_ENDPOINT"),
+        )
+
+    def port(self, name: str) -> int:
+        return BASE_PORTS[name] + self.port_offset
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def status_file(self) -> Path:
+        return self.state_dir / "platform.json"
+
+    @property
+    def ferretdb_binary(self) -> Path:
+        cache = Path(_env("MEDMESH_CACHE_DIR") or Path.home() / ".cache" / "medmesh")
+        return cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
+
+    @property
+    def descriptor_set(self) -> Path:
+        return self.root / "build" / "proto" / "medmesh.binpb"
+
+    @property
+    def mongodb_uri(self) -> str:
+        return self.external_mongodb_uri or f"mongodb://127.0.0.1:{self.port('ferretdb')}/"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return self.external_s3_endpoint or f"127.0.0.1:{self.port('s3')}"
+
+    def s3_credentials(self) -> S3Credentials:
+        """External S3: from the environment. Embedded: made once, kept in the state directory."""
+        if self.external_s3_endpoint:
+            return S3Credentials(_env("MEDMESH_S3_ACCESS_KEY"), _env("MEDMESH_S3_SECRET_KEY"))
+        path = self.state_dir / "s3-credentials.json"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"access_key": "medmesh", "secret_key": secrets.token_urlsafe(24)}))
+            path.chmod(0o600)
+        data = json.loads(path.read_text())
+        return S3Credentials(data["access_key"], data["secret_key"])

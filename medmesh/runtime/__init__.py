@@ -1,0 +1,1 @@
+"""Shared runtime of every medmesh service: written once, imported everywhere."""

@@ -1,0 +1,52 @@
+"""One AsyncMongoClient per service process, bound to that service's own database."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from medmesh.runtime.settings import Settings
+
+Document = dict[str, Any]
+
+
+def connect(settings: Settings) -> tuple[AsyncMongoClient[Document], AsyncDatabase[Document]]:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        settings.mongodb_uri,
+        appname=f"medmesh-{settings.service}",
+        tz_aware=True,
+        serverSelectionTimeoutMS=3000,
+        connectTimeoutMS=3000,
+    )
+    return client, client[settings.mongodb_database]
+
+
+async def ping(database: AsyncDatabase[Document]) -> None:
+    """Raises if the database cannot answer; the health check of every Mongo-backed service."""
+    await database.command("ping")
+
+
+class IndexedRepository(Protocol):
+    async def ensure_indexes(self) -> None: ...
+
+
+def readiness(database: AsyncDatabase[Document], *repositories: IndexedRepository) -> Callable[[], Awaitable[None]]:
+    """Ready = the database answers a ping and the repositories' indexes exist.
+
+    Indexes are made on the first successful check rather than at start-up, so a
+    service started before its database comes up recovers by itself.
+    """
+    indexed = False
+
+    async def check() -> None:
+        nonlocal indexed
+        await ping(database)
+        if not indexed:
+            for repository in repositories:
+                await repository.ensure_indexes()
+            indexed = True
+
+    return check

@@ -1,0 +1,35 @@
+"""The organization service as the device service sees it: does an owner exist?"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from medmesh.organization.v1 import organization_service_pb2 as pb
+from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
+from medmesh.runtime.errors import Unavailable
+
+
+class OrganizationDirectory(Protocol):
+    async def exists(self, organization: str) -> bool: ...
+
+
+class GrpcOrganizationDirectory:
+    """Asks the organization service over gRPC; the device service stores only the name."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout: float = 3.0) -> None:
+        self._stub = pb_grpc.OrganizationServiceStub(channel)
+        self._timeout = timeout
+
+    async def exists(self, organization: str) -> bool:
+        try:
+            await self._stub.GetOrganization(pb.GetOrganizationRequest(name=organization), timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise Unavailable(
+                f"cannot check organization {organization!r}: {error.code().name}",
+                reason="ORGANIZATION_SERVICE_UNAVAILABLE",
+            ) from error
+        return True
