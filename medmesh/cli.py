@@ -1,9 +1,9 @@
 """`medmesh`: run the whole platform on one machine.
 
-  medmesh up            start everything in the foreground; Ctrl-C stops it all
-  medmesh up --detach   the same in the background; returns once everything is healthy
-  medmesh status        what runs, where, and whether it is healthy
-  medmesh down          stop a detached platform; no process is left behind
+medmesh up            start everything in the foreground; Ctrl-C stops it all
+medmesh up --detach   the same in the background; returns once everything is healthy
+medmesh status        what runs, where, and whether it is healthy
+medmesh down          stop a detached platform; no process is left behind
 """
 
 from __future__ import annotations
@@ -46,10 +46,17 @@ def _running_platform(config: PlatformConfig) -> dict[str, object] | None:
     return status
 
 
+def cmd_init(config: PlatformConfig) -> int:
+    """The state directory: local CA and server certificate, object-store credentials."""
+    pki = ensure_local_pki(config.tls_dir)
+    config.s3_credentials()
+    say(f"medmesh: state in {config.state_dir}; local CA {pki.ca_cert}")
+    return 0
+
+
 def _prepare(config: PlatformConfig) -> list[Component]:
-    missing = prerequisites(config) if (config.tls_dir / "server.crt").exists() else []
     ensure_local_pki(config.tls_dir)
-    missing = [m for m in prerequisites(config)]
+    missing = prerequisites(config)
     if missing:
         say("medmesh is not set up; run `make setup`. Missing:\n  " + "\n  ".join(missing))
         raise SystemExit(2)
@@ -180,10 +187,13 @@ def cmd_logs(config: PlatformConfig, component: str, lines: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="medmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="medmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start the platform")
     up.add_argument("--detach", "-d", action="store_true", help="run in the background")
+    commands.add_parser("init", help="create the state directory, local CA and certificates")
     commands.add_parser("status", help="show what runs and whether it is healthy")
     commands.add_parser("down", help="stop a detached platform")
     logs = commands.add_parser("logs", help="show the end of a component's log")
@@ -196,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_up(config, args.detach)
     if args.command == "_supervise":
         return asyncio.run(_supervise(config))
+    if args.command == "init":
+        return cmd_init(config)
     if args.command == "status":
         return cmd_status(config)
     if args.command == "down":

@@ -12,6 +12,7 @@ protos declare are the same version and no schema registry is needed.
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -46,16 +47,34 @@ def write_deps_set() -> None:
     DEPS_SET.write_bytes(deps.SerializeToString())
 
 
-def run_protoc(args: list[str]) -> None:
+def run_protoc(args: list[str], protos: Path = PROTOS) -> None:
     wkt = Path(next(iter(grpc_tools.__path__))) / "_proto"
     code = protoc.main(
-        ["protoc", f"-I{PROTOS}", f"-I{_googleapis_include()}", f"-I{wkt}", f"--descriptor_set_in={DEPS_SET}", *args]
+        ["protoc", f"-I{protos}", f"-I{_googleapis_include()}", f"-I{wkt}", f"--descriptor_set_in={DEPS_SET}", *args]
     )
     if code != 0:
         sys.exit(f"protoc failed ({code}) for {args[-3:]}")
 
 
+def build_descriptor_set(protos: Path, out: Path) -> list[str]:
+    sources = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    PROTO_OUT.mkdir(parents=True, exist_ok=True)
+    write_deps_set()
+    descriptor_args = ["--include_imports", "--include_source_info", *sources, *EXTRA_INPUTS]
+    run_protoc([f"--descriptor_set_out={out}", *descriptor_args], protos)
+    return sources
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--descriptor-only", action="store_true", help="only build a descriptor set")
+    parser.add_argument("--protos", type=Path, default=PROTOS)
+    parser.add_argument("--out", type=Path, default=DESCRIPTOR_SET)
+    args = parser.parse_args()
+    if args.descriptor_only:
+        build_descriptor_set(args.protos, args.out)
+        return
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     if GEN_PY.exists():
         shutil.rmtree(GEN_PY)
@@ -65,7 +84,13 @@ def main() -> None:
     run_protoc([f"--python_out={GEN_PY}", f"--pyi_out={GEN_PY}", f"--grpc_python_out={GEN_PY}", *sources])
     run_protoc([f"--python_out={GEN_PY}", f"--pyi_out={GEN_PY}", VALIDATE_PROTO])
     run_protoc(
-        [f"--descriptor_set_out={DESCRIPTOR_SET}", "--include_imports", "--include_source_info", *sources, *EXTRA_INPUTS]
+        [
+            f"--descriptor_set_out={DESCRIPTOR_SET}",
+            "--include_imports",
+            "--include_source_info",
+            *sources,
+            *EXTRA_INPUTS,
+        ]
     )
     # Regular packages, so mypy and importers see plain modules.
     for directory in [GEN_PY / "buf", *(p for p in GEN_PY.rglob("*") if p.is_dir())]:

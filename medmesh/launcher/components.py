@@ -145,7 +145,9 @@ def _ferretdb(config: PlatformConfig) -> Component:
         "--log-level=warn",
     ]
     uri = config.mongodb_uri
-    return Component("ferretdb", argv, lambda: mongodb_ready(uri), uri, [config.port("ferretdb"), config.port("ferretdb_debug")])
+    return Component(
+        "ferretdb", argv, lambda: mongodb_ready(uri), uri, [config.port("ferretdb"), config.port("ferretdb_debug")]
+    )
 
 
 def _python_component(config: PlatformConfig, name: str, module: str) -> Component:
@@ -204,8 +206,8 @@ def prerequisites(config: PlatformConfig) -> list[str]:
     return missing
 
 
-async def wait_until(check: HealthCheck, timeout: float, interval: float = 0.25) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_until(check: HealthCheck, within: float, interval: float = 0.25) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
     while asyncio.get_running_loop().time() < deadline:
         if await check():
             return True

@@ -58,9 +58,7 @@ def render_envoy_config(
     for chain in _as_list(listener.get("filter_chains", []), "filter_chains"):
         socket = chain.get("transport_socket")
         if isinstance(socket, dict) and socket.get("name") == TLS_TRANSPORT_SOCKET:
-            certificates = _get(
-                socket, "typed_config", "common_tls_context", "tls_certificates"
-            )
+            certificates = _get(socket, "typed_config", "common_tls_context", "tls_certificates")
             for certificate in _as_list(certificates, "tls_certificates"):
                 certificate["certificate_chain"] = {"filename": str(tls_cert.resolve())}
                 certificate["private_key"] = {"filename": str(tls_key.resolve())}
@@ -76,25 +74,16 @@ def render_envoy_config(
                     transcoders += 1
     # Serving plaintext, or REST without a transcoder, must not pass silently.
     if tls_contexts == 0:
-        raise ValueError(
-            f"{source}: listener {LISTENER_NAME!r} has no TLS certificate to set"
-        )
+        raise ValueError(f"{source}: listener {LISTENER_NAME!r} has no TLS certificate to set")
     if transcoders == 0:
-        raise ValueError(
-            f"{source}: listener {LISTENER_NAME!r} has no {TRANSCODER_FILTER}"
-        )
+        raise ValueError(f"{source}: listener {LISTENER_NAME!r} has no {TRANSCODER_FILTER}")
 
     clusters = {
-        cluster["name"]: cluster
-        for cluster in _as_list(
-            _get(config, "static_resources", "clusters"), "clusters"
-        )
+        cluster["name"]: cluster for cluster in _as_list(_get(config, "static_resources", "clusters"), "clusters")
     }
     for name, (host, port) in upstreams.items():
         if name not in clusters:
-            raise KeyError(
-                f"no cluster named {name!r} in {source}; have {sorted(clusters)}"
-            )
+            raise KeyError(f"no cluster named {name!r} in {source}; have {sorted(clusters)}")
         _set_cluster_endpoint(clusters[name], host, port)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -173,11 +162,7 @@ def _set_socket_address(address: Any, *, port: int, host: str | None = None) -> 
 
 
 def _set_cluster_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
-    endpoint = {
-        "endpoint": {
-            "address": {"socket_address": {"address": host, "port_value": port}}
-        }
-    }
+    endpoint = {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
     groups = _as_list(_get(cluster, "load_assignment", "endpoints"), "endpoints")
     # One endpoint per cluster: the launcher runs one instance of each service.
     if groups:

@@ -130,7 +130,7 @@ class Supervisor:
         log_file = log_path.open("ab")
         log_file.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
         log_file.flush()
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: ASYNC220 - spawning returns at once; waiting is async below
             component.argv,
             cwd=self._config.root,
             env={**os.environ, **component.env},
@@ -155,9 +155,7 @@ class Supervisor:
         if process.poll() is not None:
             raise StartupError(component.name, f"exited with code {process.returncode}", log_tail(log_path))
         if not ready:
-            raise StartupError(
-                component.name, f"not healthy after {component.start_timeout:.0f}s", log_tail(log_path)
-            )
+            raise StartupError(component.name, f"not healthy after {component.start_timeout:.0f}s", log_tail(log_path))
         self._say(f"  ready    {component.name:<13} {time.monotonic() - began:5.1f}s  {component.endpoint}")
 
     async def watch(self, stop: asyncio.Event) -> str | None:

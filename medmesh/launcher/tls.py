@@ -67,9 +67,7 @@ def ensure_local_pki(
     wanted_dns = _normalize_dns_names(dns_names)
     wanted_ips = _normalize_ips(ip_addresses)
     if not wanted_dns and not wanted_ips:
-        raise ValueError(
-            "a server certificate needs at least one DNS name or IP address"
-        )
+        raise ValueError("a server certificate needs at least one DNS name or IP address")
 
     tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(tls_dir, 0o700)
@@ -86,16 +84,12 @@ def ensure_local_pki(
         if ca is None:
             ca_cert, ca_key = _create_ca(now)
             _write_key(pki.ca_key, ca_key)
-            _write_file(
-                pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644
-            )
+            _write_file(pki.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
             server_ok = False
         else:
             ca_cert, ca_key = ca
             _restrict(pki.ca_key)
-            server_ok = _server_cert_is_current(
-                pki, ca_cert, wanted_dns, wanted_ips, now
-            )
+            server_ok = _server_cert_is_current(pki, ca_cert, wanted_dns, wanted_ips, now)
 
         if server_ok:
             _restrict(pki.server_key)
@@ -113,15 +107,11 @@ def ensure_local_pki(
             # Key first: a reader racing us sees at worst an old cert with a new key, which fails
             # loudly at startup, rather than silently serving a stale identity.
             _write_key(pki.server_key, leaf_key)
-            _write_file(
-                pki.server_cert, leaf.public_bytes(serialization.Encoding.PEM), 0o644
-            )
+            _write_file(pki.server_cert, leaf.public_bytes(serialization.Encoding.PEM), 0o644)
     return pki
 
 
-def issue_client_certificate(
-    pki: LocalPki, common_name: str, out_dir: Path
-) -> tuple[Path, Path]:
+def issue_client_certificate(pki: LocalPki, common_name: str, out_dir: Path) -> tuple[Path, Path]:
     """Issue a clientAuth certificate signed by the local CA, for mutual-TLS tests.
 
     Writes `<name>.crt` and `<name>.key` into `out_dir` (created 0700 if missing), where
@@ -137,9 +127,7 @@ def issue_client_certificate(
     now = _utcnow()
     ca = _load_ca(pki, now)
     if ca is None:
-        raise FileNotFoundError(
-            f"no usable local CA at {pki.ca_cert}; run ensure_local_pki first"
-        )
+        raise FileNotFoundError(f"no usable local CA at {pki.ca_cert}; run ensure_local_pki first")
     ca_cert, ca_key = ca
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _issue_leaf(
@@ -249,9 +237,7 @@ def _issue_leaf(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -262,9 +248,7 @@ def _issue_leaf(
     return builder.sign(ca_key, hashes.SHA256())
 
 
-def _san(
-    dns_names: Sequence[str], ips: Sequence[IpAddress]
-) -> x509.SubjectAlternativeName:
+def _san(dns_names: Sequence[str], ips: Sequence[IpAddress]) -> x509.SubjectAlternativeName:
     entries: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
     entries.extend(x509.IPAddress(ip) for ip in ips)
     return x509.SubjectAlternativeName(entries)
@@ -273,18 +257,14 @@ def _san(
 # --- reuse checks -------------------------------------------------------------------------
 
 
-def _load_ca(
-    pki: LocalPki, now: datetime.datetime
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+def _load_ca(pki: LocalPki, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
     """The existing CA, or None if it is missing, unreadable, mismatched or about to expire."""
     try:
         cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
         key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
         return None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(
-        cert, key
-    ):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(cert, key):
         return None
     if cert.not_valid_after_utc - now < RENEW_BEFORE:
         return None
@@ -300,15 +280,11 @@ def _server_cert_is_current(
 ) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
-        key = serialization.load_pem_private_key(
-            pki.server_key.read_bytes(), password=None
-        )
+        key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
         cert.verify_directly_issued_by(ca_cert)
     except (OSError, ValueError, TypeError, InvalidSignature):
         return False
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(
-        cert, key
-    ):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(cert, key):
         return False
     if cert.not_valid_after_utc - now < RENEW_BEFORE or cert.not_valid_before_utc > now:
         return False
@@ -328,17 +304,11 @@ def _same_public_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) ->
 
 def _normalize_dns_names(names: Sequence[str]) -> list[str]:
     # DNS names compare case-insensitively; keep the caller's order, drop duplicates.
-    return list(
-        dict.fromkeys(
-            name.strip().lower().rstrip(".") for name in names if name.strip()
-        )
-    )
+    return list(dict.fromkeys(name.strip().lower().rstrip(".") for name in names if name.strip()))
 
 
 def _normalize_ips(addresses: Sequence[str]) -> list[IpAddress]:
-    return list(
-        dict.fromkeys(ipaddress.ip_address(address.strip()) for address in addresses)
-    )
+    return list(dict.fromkeys(ipaddress.ip_address(address.strip()) for address in addresses))
 
 
 # --- files ----------------------------------------------------------------------------------

@@ -14,9 +14,7 @@ from typing import Any
 
 from medmesh.runtime.errors import InvalidArgument
 
-_TOKEN = re.compile(
-    r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*")|(?P<op>!=|=)|(?P<word>[A-Za-z_][A-Za-z0-9_.\-/]*))"""
-)
+_TOKEN = re.compile(r"""\s*(?:(?P<string>"(?:[^"\\]|\\.)*")|(?P<op>!=|=)|(?P<word>[A-Za-z_][A-Za-z0-9_.\-/]*))""")
 
 # Maps a filter value (as written) to the stored value; raises ValueError if not allowed.
 Converter = Callable[[str], Any]
@@ -29,7 +27,7 @@ class Condition:
     value: Any
 
     def matches(self, item: Any) -> bool:
-        return (getattr(item, self.key) == self.value) == self.equal
+        return bool(getattr(item, self.key) == self.value) == self.equal
 
 
 def mongo_query(conditions: Sequence[Condition]) -> dict[str, Any]:
@@ -50,7 +48,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
     while position < len(text):
         match = _TOKEN.match(text, position)
         if not match or match.end() == position:
-            raise _bad(f"cannot parse near {text[position:position + 20]!r}")
+            raise _bad(f"cannot parse near {text[position : position + 20]!r}")
         kind = match.lastgroup or ""
         value = match.group(kind)
         if kind == "string":

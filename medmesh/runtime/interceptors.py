@@ -38,7 +38,8 @@ def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
 
 def _field_path(violation: protovalidate.Violation) -> str:
     path = ""
-    for element in violation.proto.field.elements:
+    field = violation.proto.field
+    for element in field.elements if field is not None else []:
         path += ("." if path else "") + element.field_name
         subscript = element.subscript
         if subscript is not None and getattr(subscript, "value", None) is not None:
@@ -87,7 +88,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, self._domain)))
             except ConnectionFailure as error:
                 log.warning("database unavailable in %s: %s", method, error)
-                unavailable = Unavailable("the service's database is unavailable, retry later", reason="DATABASE_UNAVAILABLE")
+                unavailable = Unavailable(
+                    "the service's database is unavailable, retry later", reason="DATABASE_UNAVAILABLE"
+                )
                 await context.abort_with_status(rpc_status.to_status(to_rpc_status(unavailable, self._domain)))
             except grpc.aio.AbortError:
                 raise

@@ -40,9 +40,9 @@ def page_request(page_size: int, page_token: str, query: str) -> PageRequest:
         if not isinstance(after, str) or not isinstance(fingerprint, str):
             raise ValueError("malformed")
     except (ValueError, KeyError, TypeError) as error:
-        raise InvalidArgument.for_field("page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN") from error
-    if fingerprint != _fingerprint(query):
         raise InvalidArgument.for_field(
-            "page_token", "was issued for a different filter", reason="INVALID_PAGE_TOKEN"
-        )
+            "page_token", "is not a token this service issued", reason="INVALID_PAGE_TOKEN"
+        ) from error
+    if fingerprint != _fingerprint(query):
+        raise InvalidArgument.for_field("page_token", "was issued for a different filter", reason="INVALID_PAGE_TOKEN")
     return PageRequest(size=size, after=after)

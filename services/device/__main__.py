@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
+
 from medmesh.runtime.clients import peer_channel
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, serve

@@ -52,21 +52,27 @@ class DeviceChanges:
 def parse_name(name: str, field: str = "name") -> str:
     """`devices/{serial}` -> serial."""
     if not name.startswith(NAME_PREFIX) or not SERIAL_PATTERN.match(name[len(NAME_PREFIX) :]):
-        raise InvalidArgument.for_field(field, f"must look like devices/{{serial}}, got {name!r}", reason="INVALID_NAME")
+        raise InvalidArgument.for_field(
+            field, f"must look like devices/{{serial}}, got {name!r}", reason="INVALID_NAME"
+        )
     return name[len(NAME_PREFIX) :]
 
 
 def require_serial(serial: str, field: str = "device_id") -> str:
     if not SERIAL_PATTERN.match(serial):
         raise InvalidArgument.for_field(
-            field, "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", reason="INVALID_DEVICE_ID"
+            field,
+            "1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            reason="INVALID_DEVICE_ID",
         )
     return serial
 
 
 def require_organization(organization: str, field: str) -> str:
     if not organization:
-        raise InvalidArgument.for_field(field, "is required: the organization that owns the device", reason="REQUIRED_FIELD")
+        raise InvalidArgument.for_field(
+            field, "is required: the organization that owns the device", reason="REQUIRED_FIELD"
+        )
     if not ORGANIZATION_PATTERN.match(organization):
         raise InvalidArgument.for_field(field, "must look like organizations/{id}", reason="INVALID_NAME")
     return organization

@@ -76,11 +76,13 @@ class DeviceService:
         device = await self._store.get(serial)
         if device is None:
             raise NotFound(
-                f"device {serial!r} does not exist", reason="DEVICE_NOT_FOUND", metadata={"device": NAME_PREFIX + serial}
+                f"device {serial!r} does not exist",
+                reason="DEVICE_NOT_FOUND",
+                metadata={"device": NAME_PREFIX + serial},
             )
         return device
 
-    async def list(self, filter_text: str, page_size: int, page_token: str) -> DevicePage:
+    async def list_devices(self, filter_text: str, page_size: int, page_token: str) -> DevicePage:
         conditions = parse_filter(filter_text, FILTER_FIELDS)
         page = page_request(page_size, page_token, filter_text)
         items = await self._store.list(conditions, page.after, page.size + 1)

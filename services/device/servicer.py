@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
-
 from medmesh.device.v1 import device_service_pb2 as pb
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
+
 from medmesh.runtime.protoconv import timestamp
 from services.device.domain import Device, DeviceChanges
 from services.device.service import DeviceService
@@ -40,7 +40,7 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
     async def ListDevices(
         self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDevicesResponse:
-        page = await self._service.list(request.filter, request.page_size, request.page_token)
+        page = await self._service.list_devices(request.filter, request.page_size, request.page_token)
         return pb.ListDevicesResponse(devices=[to_pb(d) for d in page.devices], next_page_token=page.next_page_token)
 
     async def UpdateDevice(self, request: pb.UpdateDeviceRequest, context: grpc.aio.ServicerContext) -> pb.Device:
@@ -54,8 +54,6 @@ class DeviceServicer(pb_grpc.DeviceServiceServicer):
         )
         return to_pb(device)
 
-    async def DeleteDevice(
-        self, request: pb.DeleteDeviceRequest, context: grpc.aio.ServicerContext
-    ) -> empty_pb2.Empty:
+    async def DeleteDevice(self, request: pb.DeleteDeviceRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self._service.delete(request.name, request.etag)
         return empty_pb2.Empty()

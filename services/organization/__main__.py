@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
+
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, serve
 from medmesh.runtime.settings import Settings

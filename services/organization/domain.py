@@ -63,7 +63,9 @@ def new_organization_id() -> str:
 def parse_name(name: str, field: str = "name") -> str:
     """`organizations/{id}` -> id."""
     if not name.startswith(NAME_PREFIX) or not ID_PATTERN.match(name[len(NAME_PREFIX) :]):
-        raise InvalidArgument.for_field(field, f"must look like organizations/{{id}}, got {name!r}", reason="INVALID_NAME")
+        raise InvalidArgument.for_field(
+            field, f"must look like organizations/{{id}}, got {name!r}", reason="INVALID_NAME"
+        )
     return name[len(NAME_PREFIX) :]
 
 

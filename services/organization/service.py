@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from medmesh.runtime.errors import Aborted, NotFound
-from medmesh.runtime.filtering import Condition, parse_filter
+from medmesh.runtime.filtering import Condition, Converter, parse_filter
 from medmesh.runtime.pagination import page_request
 from medmesh.runtime.resources import check_etag, now, page_of, resolve_update_mask
 from services.organization.domain import (
@@ -20,9 +20,14 @@ from services.organization.domain import (
     require_display_name,
 )
 
-FILTER_FIELDS = {
+
+def _kind(written: str) -> str:
+    return OrganizationKind(written.removeprefix("KIND_")).value
+
+
+FILTER_FIELDS: dict[str, tuple[str, Converter]] = {
     "display_name": ("display_name", str),
-    "kind": ("kind", lambda v: OrganizationKind(v.removeprefix("KIND_")).value),
+    "kind": ("kind", _kind),
 }
 
 
@@ -71,7 +76,7 @@ class OrganizationService:
             raise _not_found(organization_id)
         return organization
 
-    async def list(self, filter_text: str, page_size: int, page_token: str) -> OrganizationPage:
+    async def list_organizations(self, filter_text: str, page_size: int, page_token: str) -> OrganizationPage:
         conditions = parse_filter(filter_text, FILTER_FIELDS)
         page = page_request(page_size, page_token, filter_text)
         items = await self._store.list(conditions, page.after, page.size + 1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
-
 from medmesh.organization.v1 import organization_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
+
 from medmesh.runtime.protoconv import timestamp
 from services.organization.domain import Organization, OrganizationChanges, OrganizationKind
 from services.organization.service import OrganizationService
@@ -51,7 +51,7 @@ class OrganizationServicer(pb_grpc.OrganizationServiceServicer):
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListOrganizationsResponse:
-        page = await self._service.list(request.filter, request.page_size, request.page_token)
+        page = await self._service.list_organizations(request.filter, request.page_size, request.page_token)
         return pb.ListOrganizationsResponse(
             organizations=[to_pb(o) for o in page.organizations], next_page_token=page.next_page_token
         )

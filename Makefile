@@ -1,0 +1,75 @@
+# medmesh: `make up` starts the whole platform, `make test` tests it. Both set up first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+BOOTSTRAP := build/bootstrap
+UV := $(BOOTSTRAP)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+GEN_STAMP := build/proto/medmesh.binpb
+# `buf breaking` compares the protos with this git revision (skipped where it has no protos).
+BREAKING_AGAINST ?= main
+
+.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration clean
+
+help:
+	@echo "make up     - set up if needed, then start the platform (Ctrl-C stops it)"
+	@echo "make test   - set up if needed, then lint, type-check and run every test"
+	@echo "make setup  - install everything the project needs (idempotent)"
+	@echo "make down / make status - stop or inspect a platform started with 'medmesh up --detach'"
+
+$(UV):
+	$(PYTHON) -m venv $(BOOTSTRAP)
+	$(BOOTSTRAP)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --frozen --quiet
+	@touch $@
+
+$(GEN_STAMP): $(VENV)/.synced $(PROTOS) tools/protogen.py
+	$(PY) tools/protogen.py
+
+setup: $(VENV)/.synced $(GEN_STAMP)
+	tools/install-ferretdb.sh
+	$(BIN)/medmesh init
+
+up: setup
+	$(BIN)/medmesh up
+
+down:
+	$(BIN)/medmesh down
+
+status:
+	$(BIN)/medmesh status
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check medmesh/runtime services mqtt_adapter tools
+
+typecheck: setup
+	$(BIN)/mypy medmesh services mqtt_adapter tools tests
+
+proto-lint: setup
+	$(BIN)/buf lint $(GEN_STAMP) --config buf.yaml
+
+proto-breaking: setup
+	tools/proto-breaking.sh $(BREAKING_AGAINST)
+
+gateway-validate: setup
+	$(BIN)/envoy --mode validate -c gateway/envoy.yaml --log-level warn
+
+unit: setup
+	$(BIN)/pytest tests/unit -q
+
+integration: setup
+	$(BIN)/pytest tests/integration -q
+
+test: lint typecheck proto-lint proto-breaking gateway-validate
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import ssl
+
+import grpc
+import httpx
+import pytest
+
+from tests.integration.platform import Platform, new_platform
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    """The whole platform (FerretDB, SeaweedFS, services, adapter, Envoy), once per session."""
+    running = new_platform(tmp_path_factory.mktemp("medmesh-state"))
+    running.up()
+    try:
+        yield running
+    finally:
+        leftovers = running.down()
+        assert not leftovers, f"processes left after medmesh down: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def rest(platform: Platform) -> Iterator[httpx.Client]:
+    context = ssl.create_default_context(cafile=str(platform.ca))
+    with httpx.Client(base_url=platform.gateway, verify=context, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def gateway_channel(platform: Platform) -> Iterator[grpc.Channel]:
+    """A native gRPC client through Envoy, over TLS, trusting the local CA."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=platform.ca.read_bytes())
+    with grpc.secure_channel(f"localhost:{platform.config.port('gateway')}", credentials) as channel:
+        yield channel
