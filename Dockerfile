@@ -34,6 +34,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # A second environment with the dev group, only for code generation:
 # tools/protogen.py needs grpcio-tools, a dev dependency. It never leaves this stage.
+# hadolint ignore=DL3059
 RUN --mount=type=cache,target=/root/.cache/uv \
     UV_PROJECT_ENVIRONMENT=/opt/buildenv uv sync --frozen --no-install-project
 

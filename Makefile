@@ -14,7 +14,7 @@ GEN_STAMP := build/proto/medmesh.binpb
 # `buf breaking` compares the protos with this git revision (skipped where it has no protos).
 BREAKING_AGAINST ?= main
 
-.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration clean
+.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway clean
 
 help:
 	@echo "make up     - set up if needed, then start the platform (Ctrl-C stops it)"
@@ -70,6 +70,9 @@ integration: setup
 
 test: lint typecheck proto-lint proto-breaking gateway-validate
 	$(BIN)/pytest -q
+
+k8s-gateway: setup
+	$(PY) tools/render_k8s_gateway.py
 
 clean:
 	rm -rf build $(VENV)

@@ -129,6 +129,8 @@ def cmd_up(config: PlatformConfig, detach: bool) -> int:
             say(line)
         shown = len(lines)
         if supervisor.poll() is not None:
+            for line in log_path.read_text(errors="replace").splitlines()[shown:]:
+                say(line)
             say(f"medmesh: the platform did not start (exit {supervisor.returncode}); log: {log_path}")
             return 1
         try:

@@ -36,7 +36,7 @@ class Component:
     endpoint: str
     ports: list[int]
     env: dict[str, str] = field(default_factory=dict)
-    start_timeout: float = 60.0
+    start_timeout: float = float(os.environ.get("MEDMESH_START_TIMEOUT_SECONDS") or 60)
 
 
 async def mongodb_ready(uri: str) -> bool:

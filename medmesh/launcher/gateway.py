@@ -88,7 +88,7 @@ def render_envoy_config(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(
-        f"# Rendered from {source.resolve()} by medmesh.launcher.gateway; do not edit.\n"
+        f"# Rendered from {source.name} by medmesh.launcher.gateway; do not edit.\n"
         + yaml.safe_dump(config, sort_keys=False),
         encoding="utf-8",
     )

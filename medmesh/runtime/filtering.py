@@ -70,8 +70,8 @@ def parse_filter(text: str, fields: Mapping[str, tuple[str, Converter]]) -> list
             index += 1
         if index + 3 > len(tokens):
             raise _bad("expected `field = value`")
-        (field_kind, field), (op_kind, op), (_value_kind, raw) = tokens[index : index + 3]
-        if field_kind != "word" or op_kind != "op":
+        (field_kind, field), (op_kind, op), (value_kind, raw) = tokens[index : index + 3]
+        if field_kind != "word" or op_kind != "op" or value_kind not in {"string", "word"}:
             raise _bad("expected `field = value`")
         if field not in fields:
             raise _bad(f"cannot filter on {field!r}; allowed: {', '.join(sorted(fields))}")

@@ -1,4 +1,9 @@
-"""Opaque AIP-158 page tokens: keyset pagination bound to the query that produced them."""
+"""Opaque AIP-158 page tokens: keyset pagination bound to the query that produced them.
+
+Tokens are not signed: the cursor only says where to resume in a result the caller may
+read anyway (tenancy is a server-side condition of the query, not part of the token),
+so a hand-made token can skip ahead but never reveal more.
+"""
 
 from __future__ import annotations
 

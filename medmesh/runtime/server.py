@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from medmesh.runtime.interceptors import RequestInterceptor
 from medmesh.runtime.settings import Settings
@@ -46,6 +46,11 @@ class HealthReporter:
         self._check = check
         self._interval = interval
         self._serving: bool | None = None
+
+    async def not_serving_yet(self) -> None:
+        """The health servicer starts out SERVING; nothing is until the first check passes."""
+        for name in self._names:
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def probe(self) -> bool:
         try:
@@ -84,7 +89,12 @@ async def serve(
     configure_logging(settings.service, settings.log_level)
     configure_tracing(settings.service)
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), RequestInterceptor(f"{settings.service}.medmesh")],
+        interceptors=[
+            # Health probes are not traced: noise, and OpenTelemetry's aio interceptor breaks
+            # streaming handlers that write with context.write(), as Health.Watch does.
+            aio_server_interceptor(filter_=filters.negate(filters.health_check())),
+            RequestInterceptor(f"{settings.service}.medmesh"),
+        ],
         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
     )
     for binding in bindings:
@@ -103,6 +113,7 @@ async def serve(
 
     if on_start is not None:
         await on_start()
+    await reporter.not_serving_yet()
     await server.start()
     await reporter.probe()
     health_task = asyncio.create_task(reporter.run())

@@ -34,7 +34,7 @@ class Device:
         return etag_of(self.id, self.revision)
 
     def updated(self, changes: DeviceChanges, fields: set[str], at: datetime) -> Device:
-        values = {f: getattr(changes, f) for f in fields}
+        values = {f: getattr(changes, f).strip() for f in fields}
         if "organization" in values:
             values["organization"] = require_organization(values["organization"], "device.organization")
         return replace(self, **values, update_time=at, revision=self.revision + 1)

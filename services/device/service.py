@@ -71,8 +71,8 @@ class DeviceService:
         await self._store.insert(device)
         return device
 
-    async def get(self, name: str) -> Device:
-        serial = parse_name(name)
+    async def get(self, name: str, field: str = "name") -> Device:
+        serial = parse_name(name, field)
         device = await self._store.get(serial)
         if device is None:
             raise NotFound(
@@ -90,7 +90,7 @@ class DeviceService:
         return DevicePage(devices, token)
 
     async def update(self, name: str, changes: DeviceChanges, mask: list[str], etag: str) -> Device:
-        current = await self.get(name)
+        current = await self.get(name, "device.name")
         check_etag(current.id, current.revision, etag)
         fields = resolve_update_mask(mask, UPDATABLE_FIELDS, "device")
         updated = current.updated(changes, fields, now())

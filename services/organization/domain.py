@@ -43,8 +43,8 @@ class Organization:
         values = {f: getattr(changes, f) for f in fields}
         if "display_name" in values:
             values["display_name"] = require_display_name(values["display_name"], "organization.display_name")
-        if values.get("kind") is None:
-            values.pop("kind", None)
+        if "kind" in values and values["kind"] is None:
+            raise InvalidArgument.for_field("organization.kind", "cannot be KIND_UNSPECIFIED", reason="REQUIRED_FIELD")
         return replace(self, **values, update_time=at, revision=self.revision + 1)
 
 

@@ -69,8 +69,8 @@ class OrganizationService:
         await self._store.insert(organization)
         return organization
 
-    async def get(self, name: str) -> Organization:
-        organization_id = parse_name(name)
+    async def get(self, name: str, field: str = "name") -> Organization:
+        organization_id = parse_name(name, field)
         organization = await self._store.get(organization_id)
         if organization is None:
             raise _not_found(organization_id)
@@ -84,7 +84,7 @@ class OrganizationService:
         return OrganizationPage(organizations, token)
 
     async def update(self, name: str, changes: OrganizationChanges, mask: list[str], etag: str) -> Organization:
-        current = await self.get(name)
+        current = await self.get(name, "organization.name")
         check_etag(current.id, current.revision, etag)
         fields = resolve_update_mask(mask, UPDATABLE_FIELDS, "organization")
         updated = current.updated(changes, fields, now())

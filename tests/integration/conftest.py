@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import ssl
+from collections.abc import Iterator
 
 import grpc
 import httpx

@@ -11,11 +11,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
-
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.device.v1 import device_service_pb2_grpc as device_grpc
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
+
 from tests.integration.platform import Platform
 
 SERVICES = {
@@ -87,7 +87,9 @@ def test_standard_methods_over_grpc_through_envoy(gateway_channel: grpc.Channel)
         timeout=10,
     )
     assert updated.model == "ECG-12b"
-    listed = devices.ListDevices(device_pb.ListDevicesRequest(filter=f'model = "ECG-12b" AND organization = "{organization.name}"'))
+    listed = devices.ListDevices(
+        device_pb.ListDevicesRequest(filter=f'model = "ECG-12b" AND organization = "{organization.name}"')
+    )
     assert [d.name for d in listed.devices] == [device.name]
 
 

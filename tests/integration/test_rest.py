@@ -135,7 +135,9 @@ def test_bad_page_tokens_are_400(rest: httpx.Client) -> None:
     first = rest.get("/v1/organizations", params={"page_size": 1})
     token = first.json()["next_page_token"]
     assert token
-    other_filter = rest.get("/v1/organizations", params={"page_size": 1, "page_token": token, "filter": 'kind = KIND_MANUFACTURER'})
+    other_filter = rest.get(
+        "/v1/organizations", params={"page_size": 1, "page_token": token, "filter": "kind = KIND_MANUFACTURER"}
+    )
     assert other_filter.status_code == 400
     assert _error_info(other_filter)["reason"] == "INVALID_PAGE_TOKEN"
 
@@ -160,7 +162,9 @@ def test_update_with_mask_and_etag(rest: httpx.Client) -> None:
     assert renamed.json()["etag"] != organization["etag"]
 
     stale = rest.patch(
-        f"/v1/{name}", params={"update_mask": "display_name"}, json={"display_name": "Lost", "etag": organization["etag"]}
+        f"/v1/{name}",
+        params={"update_mask": "display_name"},
+        json={"display_name": "Lost", "etag": organization["etag"]},
     )
     assert stale.status_code == 409
     assert stale.json()["code"] == 10  # ABORTED
@@ -174,9 +178,12 @@ def test_update_with_mask_and_etag(rest: httpx.Client) -> None:
 def test_device_update_and_delete(rest: httpx.Client) -> None:
     first, second = _org(rest, "Owner 1"), _org(rest, "Owner 2")
     serial = _serial()
-    device = rest.post(f"/v1/devices?device_id={serial}", json={"organization": first["name"], "model": "PO-200"}).json()
+    device = rest.post(
+        f"/v1/devices?device_id={serial}", json={"organization": first["name"], "model": "PO-200"}
+    ).json()
     moved = rest.patch(
-        f"/v1/devices/{serial}", params={"update_mask": "organization,display_name"},
+        f"/v1/devices/{serial}",
+        params={"update_mask": "organization,display_name"},
         json={"organization": second["name"], "display_name": "Ward 3 oximeter"},
     )
     assert moved.status_code == 200, moved.text

@@ -1,0 +1,76 @@
+"""The launcher itself: status, down leaving nothing behind, data surviving a restart."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medmesh.launcher.supervisor import pid_alive
+from tests.integration.platform import new_platform
+
+
+def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> None:
+    platform = new_platform(tmp_path / "state")
+    platform.up()
+    try:
+        status = platform.cli("status")
+        assert status.returncode == 0, status.stdout
+        for component in ("ferretdb", "seaweedfs", "organization", "device", "mqtt_adapter", "gateway"):
+            assert f"{component}" in status.stdout
+        assert "unhealthy" not in status.stdout
+
+        again = platform.cli("up", "--detach")
+        assert again.returncode == 1
+        assert "already running" in again.stdout
+
+        context = ssl.create_default_context(cafile=str(platform.ca))
+        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10) as rest:
+            created = rest.post("/v1/organizations", json={"display_name": "Survives restarts"})
+            assert created.status_code == 200
+            name = created.json()["name"]
+    finally:
+        leftovers = platform.down()
+    assert leftovers == []
+    assert platform.cli("status").returncode == 3
+
+    platform.up()
+    try:
+        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10) as rest:
+            fetched = rest.get(f"/v1/{name}")
+            assert fetched.status_code == 200
+            assert fetched.json()["display_name"] == "Survives restarts"
+    finally:
+        assert platform.down() == []
+
+
+def test_a_component_that_fails_to_start_is_named_with_its_log(tmp_path: Path) -> None:
+    platform = new_platform(tmp_path / "state")
+    # An external MongoDB that does not exist: the services never become healthy.
+    platform.env["MEDMESH_MONGODB_URI"] = "mongodb://127.0.0.1:9/"
+    platform.env["MEDMESH_HEALTH_INTERVAL_SECONDS"] = "0.5"
+    platform.env["MEDMESH_START_TIMEOUT_SECONDS"] = "8"
+    result = platform.cli("up", "--detach", timeout=180)
+    assert result.returncode == 1
+    assert "organization failed to start" in result.stdout
+    assert "readiness check failed" in result.stdout  # the tail of the service's own log
+    status = json.loads((platform.state_dir / "platform.json").read_text())
+    assert status["state"] == "failed"
+    for component in status["components"]:
+        assert not pid_alive(component["pid"]), component
+
+
+@pytest.mark.parametrize("port_name", ["gateway"])
+def test_a_busy_port_is_reported_before_anything_starts(tmp_path: Path, port_name: str) -> None:
+    platform = new_platform(tmp_path / "state")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", platform.config.port(port_name)))
+        squatter.listen()
+        result = platform.cli("up", "--detach", timeout=60)
+    assert result.returncode == 1
+    assert f"port {platform.config.port(port_name)}" in result.stdout
+    assert "already in use" in result.stdout

@@ -1,0 +1,32 @@
+"""Writes k8s/base/envoy.yaml, the Kubernetes variant of gateway/envoy.yaml (`make k8s-gateway`).
+
+The file is committed so `kustomize build` works from a clone; a unit test renders it
+again and fails if it has drifted from gateway/envoy.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medmesh.launcher.gateway import render_envoy_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = ROOT / "k8s" / "base" / "envoy.yaml"
+
+
+def render(dest: Path = TARGET) -> Path:
+    return render_envoy_config(
+        ROOT / "gateway" / "envoy.yaml",
+        dest,
+        listen_host="0.0.0.0",
+        listen_port=8443,
+        admin_port=9901,
+        upstreams={"organization": ("organization", 50051), "device": ("device", 50052)},
+        tls_cert=Path("/etc/medmesh/tls/tls.crt"),
+        tls_key=Path("/etc/medmesh/tls/tls.key"),
+        descriptor=Path("/etc/medmesh/proto/medmesh.binpb"),
+    )
+
+
+if __name__ == "__main__":
+    print(f"wrote {render().relative_to(ROOT)}")
