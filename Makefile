@@ -51,7 +51,7 @@ lint: setup
 	$(BIN)/ruff format --check medmesh/runtime services mqtt_adapter tools
 
 typecheck: setup
-	$(BIN)/mypy medmesh services mqtt_adapter tools tests
+	$(BIN)/mypy medmesh services mqtt_adapter tools tests clients
 
 proto-lint: setup
 	$(BIN)/buf lint $(GEN_STAMP) --config buf.yaml

@@ -13,12 +13,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medmesh.runtime.clients import peer_channel
-from medmesh.runtime.server import serve
+from medmesh.runtime.server import configure_process, serve
 from medmesh.runtime.settings import Settings
 
 
 async def main() -> None:
     settings = Settings.from_env("mqtt_adapter")
+    configure_process(settings)
     device_channel = peer_channel("device")
     health = health_pb2_grpc.HealthStub(device_channel)
 

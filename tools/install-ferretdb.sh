@@ -22,4 +22,4 @@ echo "$VERSION" > "$work/src/build/version/version.txt"
 mkdir -p "$DEST"
 (cd "$work/src" && CGO_ENABLED=0 go build -trimpath -o "$DEST/ferretdb.tmp" ./cmd/ferretdb)
 mv "$DEST/ferretdb.tmp" "$DEST/ferretdb"
-"$DEST/ferretdb" --version | head -1
+"$DEST/ferretdb" --version | sed -n 1p

@@ -151,12 +151,26 @@ class Supervisor:
                 return True
             return await component.health()
 
-        ready = await wait_until(healthy_or_exited, component.start_timeout)
+        ticker = asyncio.create_task(self._tick(component.name, began)) if sys.stdout.isatty() else None
+        try:
+            ready = await wait_until(healthy_or_exited, component.start_timeout)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                sys.stdout.write("\r\033[K")
         if process.poll() is not None:
             raise StartupError(component.name, f"exited with code {process.returncode}", log_tail(log_path))
         if not ready:
             raise StartupError(component.name, f"not healthy after {component.start_timeout:.0f}s", log_tail(log_path))
         self._say(f"  ready    {component.name:<13} {time.monotonic() - began:5.1f}s  {component.endpoint}")
+
+    @staticmethod
+    async def _tick(name: str, began: float) -> None:
+        """On a terminal, a live 'waiting' line, so a slow start never looks like a hang."""
+        while True:
+            sys.stdout.write(f"\r  waiting  {name:<13} {time.monotonic() - began:5.1f}s")
+            sys.stdout.flush()
+            await asyncio.sleep(0.2)
 
     async def watch(self, stop: asyncio.Event) -> str | None:
         """Waits for `stop`; returns the name of a component that died meanwhile, if one did."""

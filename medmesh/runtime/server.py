@@ -77,6 +77,12 @@ class HealthReporter:
         await self.servicer.enter_graceful_shutdown()
 
 
+def configure_process(settings: Settings) -> None:
+    """JSON logs and tracing; call before creating clients, so their calls are traced too."""
+    configure_logging(settings.service, settings.log_level)
+    configure_tracing(settings.service)
+
+
 async def serve(
     settings: Settings,
     bindings: Sequence[ServiceBinding],
@@ -86,8 +92,7 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Runs a gRPC service until SIGTERM or SIGINT, then shuts down gracefully."""
-    configure_logging(settings.service, settings.log_level)
-    configure_tracing(settings.service)
+    configure_process(settings)
     server = grpc.aio.server(
         interceptors=[
             # Health probes are not traced: noise, and OpenTelemetry's aio interceptor breaks

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
-
 from medmesh.runtime.clients import peer_channel
 from medmesh.runtime.mongo import connect, readiness
-from medmesh.runtime.server import ServiceBinding, serve
+from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from services.device.organizations import GrpcOrganizationDirectory
 from services.device.repository import DeviceRepository
@@ -18,6 +17,7 @@ from services.device.servicer import DeviceServicer
 
 async def main() -> None:
     settings = Settings.from_env("device")
+    configure_process(settings)
     client, database = connect(settings)
     organizations = peer_channel("organization")
     repository = DeviceRepository(database)

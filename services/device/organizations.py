@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import grpc
+
 from medmesh.organization.v1 import organization_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
-
 from medmesh.runtime.errors import Unavailable
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
+
 from medmesh.device.v1 import device_service_pb2 as pb
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
-
 from medmesh.runtime.protoconv import timestamp
 from services.device.domain import Device, DeviceChanges
 from services.device.service import DeviceService

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
-
 from medmesh.runtime.mongo import connect, readiness
-from medmesh.runtime.server import ServiceBinding, serve
+from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from services.organization.repository import OrganizationRepository
 from services.organization.service import OrganizationService
@@ -16,6 +15,7 @@ from services.organization.servicer import OrganizationServicer
 
 async def main() -> None:
     settings = Settings.from_env("organization")
+    configure_process(settings)
     client, database = connect(settings)
     repository = OrganizationRepository(database)
     binding = ServiceBinding(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
+
 from medmesh.organization.v1 import organization_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
-
 from medmesh.runtime.protoconv import timestamp
 from services.organization.domain import Organization, OrganizationChanges, OrganizationKind
 from services.organization.service import OrganizationService

@@ -11,11 +11,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.device.v1 import device_service_pb2_grpc as device_grpc
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
-
 from tests.integration.platform import Platform
 
 SERVICES = {

@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from medmesh.organization.v1 import organization_service_pb2 as org_pb
-from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
 
 from medmesh.launcher.supervisor import port_in_use
+from medmesh.organization.v1 import organization_service_pb2 as org_pb
+from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
 from medmesh.runtime.settings import Settings
 from medmesh.runtime.storage import object_store
 from tests.integration.platform import Platform

@@ -8,9 +8,9 @@ from dataclasses import replace
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+
 from medmesh.device.v1 import device_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as organization_pb_grpc
-
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,

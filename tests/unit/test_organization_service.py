@@ -7,8 +7,8 @@ from datetime import UTC
 
 import pytest
 from google.protobuf import field_mask_pb2
-from medmesh.organization.v1 import organization_service_pb2 as pb
 
+from medmesh.organization.v1 import organization_service_pb2 as pb
 from medmesh.runtime.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, NotFound
 from medmesh.runtime.resources import now
 from services.organization.domain import ID_PATTERN, Organization, OrganizationChanges, OrganizationKind

@@ -15,11 +15,11 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from pymongo.errors import ConnectionFailure
+
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.organization.v1 import organization_service_pb2 as organization_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as organization_pb_grpc
-from pymongo.errors import ConnectionFailure
-
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,
