@@ -4,7 +4,7 @@ MongoDB repository with keyset paging. Services subclass; nothing here knows a s
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -12,9 +12,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from medmesh.runtime.errors import Aborted, AlreadyExists, InvalidArgument
-from medmesh.runtime.filtering import Condition, mongo_query
+from medmesh.runtime.filtering import Condition, Converter, mongo_query, parse_filter
 from medmesh.runtime.mongo import Document
-from medmesh.runtime.pagination import PageRequest, encode_token
+from medmesh.runtime.pagination import PageRequest, encode_token, page_request
 
 
 class Resource(Protocol):
@@ -26,6 +26,16 @@ class Resource(Protocol):
 
 
 R = TypeVar("R", bound=Resource)
+
+
+class ResourceStore(Protocol[R]):
+    """What a service needs of its repository; MongoRepository and the unit tests' fake provide it."""
+
+    async def insert(self, resource: R) -> None: ...
+    async def get(self, resource_id: str) -> R | None: ...
+    async def list(self, conditions: Sequence[Condition], after: str | None, limit: int) -> list[R]: ...
+    async def replace(self, resource: R, expected_revision: int) -> bool: ...
+    async def delete(self, resource_id: str, expected_revision: int | None = None) -> bool: ...
 
 
 def now() -> datetime:
@@ -70,6 +80,34 @@ def page_of(items: list[R], page: PageRequest, query: str) -> tuple[list[R], str
         return items, ""
     kept = items[: page.size]
     return kept, encode_token(kept[-1].id, query)
+
+
+async def list_page(
+    store: ResourceStore[R],
+    filter_text: str,
+    fields: Mapping[str, tuple[str, Converter]],
+    page_size: int,
+    page_token: str,
+) -> tuple[list[R], str]:
+    """AIP-132 List: filter, read one more than a page after the cursor, and the next token."""
+    conditions = parse_filter(filter_text, fields)
+    page = page_request(page_size, page_token, filter_text)
+    items = await store.list(conditions, page.after, page.size + 1)
+    return page_of(items, page, filter_text)
+
+
+async def replace_checked(store: ResourceStore[R], updated: R, current: R, name: str) -> R:
+    """Writes an update read at `current`'s revision; ABORTED if someone wrote in between."""
+    if not await store.replace(updated, current.revision):
+        raise Aborted("the resource changed during the update; retry", metadata={"resource": name})
+    return updated
+
+
+async def delete_checked(store: ResourceStore[R], current: R, etag: str, name: str) -> None:
+    """AIP-135 Delete with an optional etag; ABORTED if the resource changed since it was read."""
+    check_etag(current.id, current.revision, etag)
+    if not await store.delete(current.id, current.revision):
+        raise Aborted("the resource changed during the delete; retry", metadata={"resource": name})
 
 
 class MongoRepository(Generic[R]):

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-from medmesh.runtime.errors import Aborted, FailedPrecondition, FieldViolation, NotFound
-from medmesh.runtime.filtering import Condition, parse_filter
-from medmesh.runtime.pagination import page_request
-from medmesh.runtime.resources import check_etag, now, page_of, resolve_update_mask
+from medmesh.runtime.errors import FailedPrecondition, FieldViolation, NotFound
+from medmesh.runtime.filtering import Converter
+from medmesh.runtime.resources import (
+    ResourceStore,
+    check_etag,
+    delete_checked,
+    list_page,
+    now,
+    replace_checked,
+    resolve_update_mask,
+)
 from services.device.domain import (
     NAME_PREFIX,
     UPDATABLE_FIELDS,
@@ -20,19 +26,11 @@ from services.device.domain import (
 )
 from services.device.organizations import OrganizationDirectory
 
-FILTER_FIELDS = {
+FILTER_FIELDS: dict[str, tuple[str, Converter]] = {
     "organization": ("organization", str),
     "model": ("model", str),
     "display_name": ("display_name", str),
 }
-
-
-class DeviceStore(Protocol):
-    async def insert(self, resource: Device) -> None: ...
-    async def get(self, resource_id: str) -> Device | None: ...
-    async def list(self, conditions: list[Condition], after: str | None, limit: int) -> list[Device]: ...
-    async def replace(self, resource: Device, expected_revision: int) -> bool: ...
-    async def delete(self, resource_id: str, expected_revision: int | None = None) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +40,7 @@ class DevicePage:
 
 
 class DeviceService:
-    def __init__(self, store: DeviceStore, organizations: OrganizationDirectory) -> None:
+    def __init__(self, store: ResourceStore[Device], organizations: OrganizationDirectory) -> None:
         self._store = store
         self._organizations = organizations
 
@@ -83,10 +81,7 @@ class DeviceService:
         return device
 
     async def list_devices(self, filter_text: str, page_size: int, page_token: str) -> DevicePage:
-        conditions = parse_filter(filter_text, FILTER_FIELDS)
-        page = page_request(page_size, page_token, filter_text)
-        items = await self._store.list(conditions, page.after, page.size + 1)
-        devices, token = page_of(items, page, filter_text)
+        devices, token = await list_page(self._store, filter_text, FILTER_FIELDS, page_size, page_token)
         return DevicePage(devices, token)
 
     async def update(self, name: str, changes: DeviceChanges, mask: list[str], etag: str) -> Device:
@@ -96,12 +91,7 @@ class DeviceService:
         updated = current.updated(changes, fields, now())
         if updated.organization != current.organization:
             await self._require_existing_organization(updated.organization, "device.organization")
-        if not await self._store.replace(updated, current.revision):
-            raise Aborted("the device changed during the update; retry", metadata={"device": name})
-        return updated
+        return await replace_checked(self._store, updated, current, name)
 
     async def delete(self, name: str, etag: str) -> None:
-        current = await self.get(name)
-        check_etag(current.id, current.revision, etag)
-        if not await self._store.delete(current.id, current.revision):
-            raise Aborted("the device changed during the delete; retry", metadata={"device": name})
+        await delete_checked(self._store, await self.get(name), etag, name)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-from medmesh.runtime.errors import Aborted, NotFound
-from medmesh.runtime.filtering import Condition, Converter, parse_filter
-from medmesh.runtime.pagination import page_request
-from medmesh.runtime.resources import check_etag, now, page_of, resolve_update_mask
+from medmesh.runtime.errors import NotFound
+from medmesh.runtime.filtering import Converter
+from medmesh.runtime.resources import (
+    ResourceStore,
+    check_etag,
+    delete_checked,
+    list_page,
+    now,
+    replace_checked,
+    resolve_update_mask,
+)
 from services.organization.domain import (
     NAME_PREFIX,
     UPDATABLE_FIELDS,
@@ -31,14 +37,6 @@ FILTER_FIELDS: dict[str, tuple[str, Converter]] = {
 }
 
 
-class OrganizationStore(Protocol):
-    async def insert(self, resource: Organization) -> None: ...
-    async def get(self, resource_id: str) -> Organization | None: ...
-    async def list(self, conditions: list[Condition], after: str | None, limit: int) -> list[Organization]: ...
-    async def replace(self, resource: Organization, expected_revision: int) -> bool: ...
-    async def delete(self, resource_id: str, expected_revision: int | None = None) -> bool: ...
-
-
 @dataclass(frozen=True)
 class OrganizationPage:
     organizations: list[Organization]
@@ -54,7 +52,7 @@ def _not_found(organization_id: str) -> NotFound:
 
 
 class OrganizationService:
-    def __init__(self, store: OrganizationStore) -> None:
+    def __init__(self, store: ResourceStore[Organization]) -> None:
         self._store = store
 
     async def create(self, display_name: str, kind: OrganizationKind | None, organization_id: str = "") -> Organization:
@@ -77,10 +75,7 @@ class OrganizationService:
         return organization
 
     async def list_organizations(self, filter_text: str, page_size: int, page_token: str) -> OrganizationPage:
-        conditions = parse_filter(filter_text, FILTER_FIELDS)
-        page = page_request(page_size, page_token, filter_text)
-        items = await self._store.list(conditions, page.after, page.size + 1)
-        organizations, token = page_of(items, page, filter_text)
+        organizations, token = await list_page(self._store, filter_text, FILTER_FIELDS, page_size, page_token)
         return OrganizationPage(organizations, token)
 
     async def update(self, name: str, changes: OrganizationChanges, mask: list[str], etag: str) -> Organization:
@@ -88,12 +83,7 @@ class OrganizationService:
         check_etag(current.id, current.revision, etag)
         fields = resolve_update_mask(mask, UPDATABLE_FIELDS, "organization")
         updated = current.updated(changes, fields, now())
-        if not await self._store.replace(updated, current.revision):
-            raise Aborted("the organization changed during the update; retry", metadata={"organization": name})
-        return updated
+        return await replace_checked(self._store, updated, current, name)
 
     async def delete(self, name: str, etag: str) -> None:
-        current = await self.get(name)
-        check_etag(current.id, current.revision, etag)
-        if not await self._store.delete(current.id, current.revision):
-            raise Aborted("the organization changed during the delete; retry", metadata={"organization": name})
+        await delete_checked(self._store, await self.get(name), etag, name)
