@@ -36,7 +36,10 @@ class Component:
     endpoint: str
     ports: list[int]
     env: dict[str, str] = field(default_factory=dict)
-    start_timeout: float = float(os.environ.get("MEDMESH_START_TIMEOUT_SECONDS") or 60)
+    # Writes what the process needs (data directory, rendered config) just before it starts,
+    # so building the list (as `medmesh status` does) has no side effects.
+    prepare: Callable[[], None] | None = None
+    start_timeout: float = field(default_factory=lambda: float(os.environ.get("MEDMESH_START_TIMEOUT_SECONDS") or 60))
 
 
 async def mongodb_ready(uri: str) -> bool:
@@ -85,23 +88,19 @@ def service_environment(config: PlatformConfig) -> dict[str, str]:
 
 def _seaweedfs(config: PlatformConfig) -> Component:
     data = config.data_dir / "seaweedfs"
-    data.mkdir(parents=True, exist_ok=True)
-    credentials = config.s3_credentials()
     identities = config.state_dir / "seaweedfs-s3.json"
-    identities.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "medmesh",
-                        "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    identities.chmod(0o600)
+
+    def prepare() -> None:
+        data.mkdir(parents=True, exist_ok=True)
+        credentials = config.s3_credentials()
+        identity = {
+            "name": "medmesh",
+            "credentials": [{"accessKey": credentials.access_key, "secretKey": credentials.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        identities.write_text(json.dumps({"identities": [identity]}))
+        identities.chmod(0o600)
+
     p = config.port
     # Its defaults bind every interface and report telemetry: override both.
     argv = [
@@ -128,12 +127,12 @@ def _seaweedfs(config: PlatformConfig) -> Component:
         lambda: http_ok(f"http://{config.s3_endpoint}/healthz"),
         f"http://{config.s3_endpoint} (S3)",
         [p("s3"), p("seaweedfs_master"), p("seaweedfs_volume"), p("seaweedfs_filer"), p("seaweedfs_admin")],
+        prepare=prepare,
     )
 
 
 def _ferretdb(config: PlatformConfig) -> Component:
     data = config.data_dir / "ferretdb"
-    data.mkdir(parents=True, exist_ok=True)
     argv = [
         str(config.ferretdb_binary),
         "--handler=sqlite",
@@ -146,7 +145,12 @@ def _ferretdb(config: PlatformConfig) -> Component:
     ]
     uri = config.mongodb_uri
     return Component(
-        "ferretdb", argv, lambda: mongodb_ready(uri), uri, [config.port("ferretdb"), config.port("ferretdb_debug")]
+        "ferretdb",
+        argv,
+        lambda: mongodb_ready(uri),
+        uri,
+        [config.port("ferretdb"), config.port("ferretdb_debug")],
+        prepare=lambda: data.mkdir(parents=True, exist_ok=True),
     )
 
 
@@ -160,24 +164,29 @@ def _python_component(config: PlatformConfig, name: str, module: str) -> Compone
 
 
 def _envoy(config: PlatformConfig) -> Component:
-    rendered = render_envoy_config(
-        config.root / "gateway" / "envoy.yaml",
-        config.state_dir / "envoy.yaml",
-        listen_host="127.0.0.1",
-        listen_port=config.port("gateway"),
-        admin_port=config.port("gateway_admin"),
-        upstreams={name: ("127.0.0.1", config.port(name)) for name, _ in SERVICES},
-        tls_cert=config.tls_dir / "server.crt",
-        tls_key=config.tls_dir / "server.key",
-        descriptor=config.descriptor_set,
-    )
+    rendered = config.state_dir / "envoy.yaml"
+
+    def prepare() -> None:
+        render_envoy_config(
+            config.root / "gateway" / "envoy.yaml",
+            rendered,
+            listen_host="127.0.0.1",
+            listen_port=config.port("gateway"),
+            admin_port=config.port("gateway_admin"),
+            upstreams={name: ("127.0.0.1", config.port(name)) for name, _ in SERVICES},
+            tls_cert=config.tls_dir / "server.crt",
+            tls_key=config.tls_dir / "server.key",
+            descriptor=config.descriptor_set,
+        )
+
     admin = config.port("gateway_admin")
     return Component(
         "gateway",
-        envoy_command(rendered),
+        envoy_command(rendered, admin_port=admin),
         lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
         f"https://localhost:{config.port('gateway')} (REST/JSON and gRPC, TLS 1.3)",
         [config.port("gateway"), admin],
+        prepare=prepare,
     )
 
 

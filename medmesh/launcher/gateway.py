@@ -95,14 +95,12 @@ def render_envoy_config(
     return dest
 
 
-def envoy_command(config: Path, *, log_path: Path | None = None) -> list[str]:
-    """The argv that serves `config` with the virtualenv's Envoy.
+def envoy_command(config: Path, *, admin_port: int, log_path: Path | None = None) -> list[str]:
+    """The argv that serves `config` (rendered with this `admin_port`) with the virtualenv's Envoy.
 
-    `--base-id` comes from the config's admin port, which is already unique per running Envoy,
-    so concurrent gateways never share Envoy's shared-memory/domain-socket names.
+    `--base-id` comes from the admin port, which is already unique per running Envoy, so
+    concurrent gateways never share Envoy's shared-memory/domain-socket names.
     """
-    rendered = yaml.safe_load(config.read_text(encoding="utf-8"))
-    admin_port = int(_get(rendered, "admin", "address", "socket_address", "port_value"))
     argv = [
         str(envoy_binary()),
         "--mode",

@@ -126,6 +126,8 @@ class Supervisor:
         self.write_status()
 
     async def _start(self, component: Component) -> None:
+        if component.prepare is not None:
+            component.prepare()
         log_path = self._config.logs_dir / f"{component.name}.log"
         log_file = log_path.open("ab")
         log_file.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from medmesh.launcher.supervisor import pid_alive
-from tests.integration.platform import new_platform
+from tests.integration.platform import Platform, new_platform
 
 
 def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> None:
@@ -74,3 +74,31 @@ def test_a_busy_port_is_reported_before_anything_starts(tmp_path: Path, port_nam
     assert result.returncode == 1
     assert f"port {platform.config.port(port_name)}" in result.stdout
     assert "already in use" in result.stdout
+
+
+def test_external_mongodb_and_s3_replace_the_embedded_ones(platform: Platform, tmp_path: Path) -> None:
+    """A second platform pointed at the first one's stores starts no FerretDB or SeaweedFS of its own."""
+    credentials = platform.config.s3_credentials()
+    second = new_platform(tmp_path / "state")
+    second.env.update(
+        MEDMESH_MONGODB_URI=platform.config.mongodb_uri,
+        MEDMESH_S3_ENDPOINT=platform.config.s3_endpoint,
+        MEDMESH_S3_ACCESS_KEY=credentials.access_key,
+        MEDMESH_S3_SECRET_KEY=credentials.secret_key,
+    )
+    second.up()
+    try:
+        status = json.loads((second.state_dir / "platform.json").read_text())
+        names = [c["name"] for c in status["components"]]
+        assert names == ["organization", "device", "mqtt_adapter", "gateway"]
+        context = ssl.create_default_context(cafile=str(platform.ca))
+        with (
+            httpx.Client(base_url=second.gateway, verify=ssl.create_default_context(cafile=str(second.ca))) as other,
+            httpx.Client(base_url=platform.gateway, verify=context) as first,
+        ):
+            created = other.post("/v1/organizations", json={"display_name": "Written through the second platform"})
+            assert created.status_code == 200
+            # Same database: the first platform's services read what the second one wrote.
+            assert first.get(f"/v1/{created.json()['name']}").status_code == 200
+    finally:
+        assert second.down() == []
