@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -39,6 +39,8 @@ class Component:
     # Writes what the process needs (data directory, rendered config) just before it starts,
     # so building the list (as `medmesh status` does) has no side effects.
     prepare: Callable[[], None] | None = None
+    # Components of one stage start together; a stage starts once the one before is healthy.
+    stage: int = 0
     start_timeout: float = field(default_factory=lambda: float(os.environ.get("MEDMESH_START_TIMEOUT_SECONDS") or 60))
 
 
@@ -191,16 +193,19 @@ def _envoy(config: PlatformConfig) -> Component:
 
 
 def platform_components(config: PlatformConfig) -> list[Component]:
-    """Dependency order: stores, services, the MQTT adapter, then the gateway in front."""
-    components: list[Component] = []
+    """In stages: the stores; then the services and the MQTT adapter; then the gateway in front."""
+    stores: list[Component] = []
     if not config.external_mongodb_uri:
-        components.append(_ferretdb(config))
+        stores.append(_ferretdb(config))
     if not config.external_s3_endpoint:
-        components.append(_seaweedfs(config))
-    components += [_python_component(config, name, module) for name, module in SERVICES]
-    components.append(_python_component(config, "mqtt_adapter", "mqtt_adapter"))
-    components.append(_envoy(config))
-    return components
+        stores.append(_seaweedfs(config))
+    services = [_python_component(config, name, module) for name, module in SERVICES]
+    services.append(_python_component(config, "mqtt_adapter", "mqtt_adapter"))
+    return [
+        *(replace(c, stage=0) for c in stores),
+        *(replace(c, stage=1) for c in services),
+        replace(_envoy(config), stage=2),
+    ]
 
 
 def prerequisites(config: PlatformConfig) -> list[str]:

@@ -120,19 +120,36 @@ class Supervisor:
                     f"port {', '.join(map(str, busy))} already in use (another medmesh? try `medmesh status`)",
                     "",
                 )
-        for component in self._components:
-            await self._start(component)
+        for stage in sorted({c.stage for c in self._components}):
+            await self._start_stage([c for c in self._components if c.stage == stage])
         self.state = "running"
         self.write_status()
 
-    async def _start(self, component: Component) -> None:
+    async def _start_stage(self, components: list[Component]) -> None:
+        """Starts one stage's components together and waits until every one is healthy."""
+        began = time.monotonic()
+        running = [self._spawn(component) for component in components]
+        waiting = {r.component.name for r in running}
+        ticker = asyncio.create_task(self._tick(waiting, began)) if sys.stdout.isatty() else None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for item in running:
+                    group.create_task(self._await_ready(item, began, waiting))
+        except ExceptionGroup as failures:
+            raise failures.exceptions[0] from None
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                sys.stdout.write("\r\033[K")
+
+    def _spawn(self, component: Component) -> Running:
         if component.prepare is not None:
             component.prepare()
         log_path = self._config.logs_dir / f"{component.name}.log"
         log_file = log_path.open("ab")
         log_file.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
         log_file.flush()
-        process = subprocess.Popen(  # noqa: ASYNC220 - spawning returns at once; waiting is async below
+        process = subprocess.Popen(
             component.argv,
             cwd=self._config.root,
             env={**os.environ, **component.env},
@@ -145,32 +162,34 @@ class Supervisor:
         running = Running(component, process, log_path, log_file)
         self._running.append(running)
         self.write_status()
-        began = time.monotonic()
         self._say(f"  starting {component.name:<13} pid {process.pid}")
+        return running
+
+    async def _await_ready(self, running: Running, began: float, waiting: set[str]) -> None:
+        component, process = running.component, running.process
 
         async def healthy_or_exited() -> bool:
             if process.poll() is not None:
                 return True
             return await component.health()
 
-        ticker = asyncio.create_task(self._tick(component.name, began)) if sys.stdout.isatty() else None
-        try:
-            ready = await wait_until(healthy_or_exited, component.start_timeout)
-        finally:
-            if ticker is not None:
-                ticker.cancel()
-                sys.stdout.write("\r\033[K")
+        ready = await wait_until(healthy_or_exited, component.start_timeout)
         if process.poll() is not None:
-            raise StartupError(component.name, f"exited with code {process.returncode}", log_tail(log_path))
+            raise StartupError(component.name, f"exited with code {process.returncode}", log_tail(running.log_path))
         if not ready:
-            raise StartupError(component.name, f"not healthy after {component.start_timeout:.0f}s", log_tail(log_path))
+            raise StartupError(
+                component.name, f"not healthy after {component.start_timeout:.0f}s", log_tail(running.log_path)
+            )
+        waiting.discard(component.name)
+        if sys.stdout.isatty():
+            sys.stdout.write("\r\033[K")
         self._say(f"  ready    {component.name:<13} {time.monotonic() - began:5.1f}s  {component.endpoint}")
 
     @staticmethod
-    async def _tick(name: str, began: float) -> None:
+    async def _tick(waiting: set[str], began: float) -> None:
         """On a terminal, a live 'waiting' line, so a slow start never looks like a hang."""
         while True:
-            sys.stdout.write(f"\r  waiting  {name:<13} {time.monotonic() - began:5.1f}s")
+            sys.stdout.write(f"\r\033[K  waiting  {', '.join(sorted(waiting))}  {time.monotonic() - began:5.1f}s")
             sys.stdout.flush()
             await asyncio.sleep(0.2)
 

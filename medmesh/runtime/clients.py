@@ -12,6 +12,8 @@ from medmesh.runtime.settings import peer_address
 # Transparent retry of UNAVAILABLE, so a rolling restart of a peer is not an error.
 _SERVICE_CONFIG = json.dumps(
     {
+        # Every address DNS returns (a headless Kubernetes Service: every ready pod), per call.
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
@@ -23,15 +25,18 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
 
 def peer_channel(service: str, address: str | None = None) -> grpc.aio.Channel:
     """An insecure channel inside the mesh (mTLS there is the platform's job, e.g. a service mesh)."""
+    target = address or peer_address(service)
+    if "://" not in target and not target.startswith(("dns:", "unix:", "ipv4:", "ipv6:")):
+        target = f"dns:///{target}"
     return grpc.aio.insecure_channel(
-        address or peer_address(service),
+        target,
         interceptors=aio_client_interceptors(),
         options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)],
     )

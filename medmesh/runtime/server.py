@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 
+# Health service name that only says the process is alive (for liveness probes): a database
+# outage makes a service NOT_SERVING for readiness, but restarting it would not help.
+LIVENESS = "liveness"
+
 
 @dataclass(frozen=True)
 class ServiceBinding:
@@ -51,6 +55,7 @@ class HealthReporter:
         """The health servicer starts out SERVING; nothing is until the first check passes."""
         for name in self._names:
             await self.servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
     async def probe(self) -> bool:
         try:
@@ -100,7 +105,13 @@ async def serve(
             aio_server_interceptor(filter_=filters.negate(filters.health_check())),
             RequestInterceptor(f"{settings.service}.medmesh"),
         ],
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            # Clients reconnect now and then, so they spread over instances added by scaling out.
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 30 * 1000),
+        ],
     )
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)

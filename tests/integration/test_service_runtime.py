@@ -49,9 +49,10 @@ class ServiceProcess:
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
-    def health(self) -> int:
+    def health(self, service: str = "") -> int:
         try:
-            reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(request, timeout=2)
         except grpc.RpcError:
             return -1
         return int(reply.status)
@@ -102,6 +103,8 @@ def test_health_follows_the_database_and_errors_are_logged_with_trace_ids(
 ) -> None:
     service = service_factory("mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300")
     service.wait_health(NOT_SERVING)
+    assert service.health("medmesh.organization.v1.OrganizationService") == NOT_SERVING
+    assert service.health("liveness") == SERVING  # unready, but restarting it would not help
     stub = org_grpc.OrganizationServiceStub(service.channel)
     with pytest.raises(grpc.RpcError) as failure:
         stub.CreateOrganization(
