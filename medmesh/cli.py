@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,7 +78,10 @@ async def _supervise(config: PlatformConfig) -> int:
         done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if start not in done:
             start.cancel()
-            say("medmesh: interrupted while starting")
+            with contextlib.suppress(asyncio.CancelledError, StartupError):
+                await start
+            say("medmesh: interrupted while starting; stopping what started")
+            await supervisor.stop_all()
             return 130
         stopper.cancel()
         start.result()
@@ -85,10 +89,7 @@ async def _supervise(config: PlatformConfig) -> int:
         say(f"medmesh: {error.component} failed to start: {error.reason}")
         if error.log_tail:
             say(f"--- last lines of {config.logs_dir / (error.component + '.log')} ---\n{error.log_tail}\n---")
-        supervisor.state = "failed"
-        await supervisor.stop_all()
-        supervisor.state = "failed"
-        supervisor.write_status()
+        await supervisor.stop_all(final_state="failed")
         return 1
     except BaseException:
         await supervisor.stop_all()

@@ -207,7 +207,7 @@ class Supervisor:
                 await asyncio.wait_for(stop.wait(), timeout=0.5)
         return None
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, final_state: str = "stopped") -> None:
         self.state = "stopping"
         self.write_status()
         for running in reversed(self._running):
@@ -223,7 +223,7 @@ class Supervisor:
             running.log_file.close()
             self._say(f"  stopped  {running.component.name}")
         self._running.clear()
-        self.state = "stopped"
+        self.state = final_state
         self.write_status()
 
 

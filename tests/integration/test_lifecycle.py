@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
 from medmesh.launcher.supervisor import pid_alive
-from tests.integration.platform import Platform, new_platform
+from tests.integration.platform import MEDMESH, Platform, new_platform
 
 
 def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> None:
@@ -102,3 +104,36 @@ def test_external_mongodb_and_s3_replace_the_embedded_ones(platform: Platform, t
             assert first.get(f"/v1/{created.json()['name']}").status_code == 200
     finally:
         assert second.down() == []
+
+
+def _foreground_up(platform: Platform) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*MEDMESH, "up"], env=platform.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _read_until(process: subprocess.Popen[str], marker: str) -> str:
+    assert process.stdout is not None
+    seen = ""
+    for line in process.stdout:
+        seen += line
+        if marker in line:
+            return seen
+    raise AssertionError(f"{marker!r} never appeared:\n{seen}")
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_ctrl_c_stops_everything(tmp_path: Path, when: str) -> None:
+    platform = new_platform(tmp_path / "state")
+    process = _foreground_up(platform)
+    try:
+        _read_until(process, "medmesh: up in" if when == "running" else "starting organization")
+        pids = platform.recorded_pids()[1:]
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == (0 if when == "running" else 130), rest
+    assert "stopped  ferretdb" in rest
+    assert [pid for pid in pids if pid_alive(pid)] == []
