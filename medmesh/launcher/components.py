@@ -15,7 +15,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 
-from medmesh.launcher.config import PlatformConfig
+from medmesh.launcher.config import BASE_PORTS, PlatformConfig
 from medmesh.launcher.gateway import envoy_command, render_envoy_config
 from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 
@@ -114,10 +114,15 @@ def _seaweedfs(config: PlatformConfig) -> Component:
         "-master.telemetry=false",
         "-admin.ui=false",
         f"-admin.port={p('seaweedfs_admin')}",
+        f"-admin.port.grpc={p('seaweedfs_admin_grpc')}",
         f"-master.port={p('seaweedfs_master')}",
+        f"-master.port.grpc={p('seaweedfs_master_grpc')}",
         f"-volume.port={p('seaweedfs_volume')}",
+        f"-volume.port.grpc={p('seaweedfs_volume_grpc')}",
         f"-filer.port={p('seaweedfs_filer')}",
+        f"-filer.port.grpc={p('seaweedfs_filer_grpc')}",
         f"-s3.port={p('s3')}",
+        f"-s3.port.grpc={p('s3_grpc')}",
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-webdav=false",
@@ -128,7 +133,7 @@ def _seaweedfs(config: PlatformConfig) -> Component:
         argv,
         lambda: http_ok(f"http://{config.s3_endpoint}/healthz"),
         f"http://{config.s3_endpoint} (S3)",
-        [p("s3"), p("seaweedfs_master"), p("seaweedfs_volume"), p("seaweedfs_filer"), p("seaweedfs_admin")],
+        [p(name) for name in BASE_PORTS if name.startswith(("s3", "seaweedfs"))],
         prepare=prepare,
     )
 

@@ -29,6 +29,12 @@ BASE_PORTS: dict[str, int] = {
     "seaweedfs_volume": 9340,
     "seaweedfs_filer": 8888,
     "seaweedfs_admin": 13646,
+    # SeaweedFS's gRPC ports, set explicitly so every port it opens is known and checked.
+    "s3_grpc": 18333,
+    "seaweedfs_master_grpc": 19333,
+    "seaweedfs_volume_grpc": 19340,
+    "seaweedfs_filer_grpc": 18888,
+    "seaweedfs_admin_grpc": 23646,
     **DEFAULT_GRPC_PORTS,
 }
 
