@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from medmesh.runtime.clients import peer_channel
@@ -35,7 +34,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except grpc.aio.AioRpcError as error:  # pragma: no cover - surfaced in the launcher's log
-        raise SystemExit(f"mqtt_adapter: {error}") from error
+    asyncio.run(main())

@@ -74,7 +74,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
-            return handler  # health, reflection and streaming methods pass through
+            return handler  # streaming methods (reflection, Health.Watch) pass through unchanged
         inner: Behavior = handler.unary_unary
         method = handler_call_details.method
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Default gRPC port of each component; the launcher and k8s/ use the same numbers.
 DEFAULT_GRPC_PORTS: dict[str, int] = {
@@ -42,7 +42,6 @@ class Settings:
     log_level: str
     shutdown_grace_seconds: float
     health_interval_seconds: float
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, service: str) -> Settings:
