@@ -14,13 +14,14 @@ GEN_STAMP := build/proto/medmesh.binpb
 # `buf breaking` compares the protos with this git revision (skipped where it has no protos).
 BREAKING_AGAINST ?= main
 
-.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway clean
+.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway bench-startup clean
 
 help:
 	@echo "make up     - set up if needed, then start the platform (Ctrl-C stops it)"
 	@echo "make test   - set up if needed, then lint, type-check and run every test"
 	@echo "make setup  - install everything the project needs (idempotent)"
 	@echo "make down / make status - stop or inspect a platform started with 'medmesh up --detach'"
+	@echo "make bench-startup - time a cold make setup and a warm make up (fresh clone, empty caches)"
 
 $(UV):
 	$(PYTHON) -m venv $(BOOTSTRAP)
@@ -70,6 +71,9 @@ integration: setup
 
 test: lint typecheck proto-lint proto-breaking gateway-validate
 	$(BIN)/pytest -q
+
+bench-startup:
+	tools/bench-startup.sh
 
 k8s-gateway: setup
 	$(PY) tools/render_k8s_gateway.py
