@@ -57,6 +57,7 @@ def run_protoc(args: list[str], protos: Path = PROTOS) -> None:
 
 
 def build_descriptor_set(protos: Path, out: Path) -> list[str]:
+    """Compiles every .proto under `protos` into the descriptor set `out`; returns their paths."""
     sources = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
     out.parent.mkdir(parents=True, exist_ok=True)
     PROTO_OUT.mkdir(parents=True, exist_ok=True)
@@ -75,23 +76,12 @@ def main() -> None:
     if args.descriptor_only:
         build_descriptor_set(args.protos, args.out)
         return
-    sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     if GEN_PY.exists():
         shutil.rmtree(GEN_PY)
     GEN_PY.mkdir(parents=True)
-    PROTO_OUT.mkdir(parents=True, exist_ok=True)
-    write_deps_set()
+    sources = build_descriptor_set(PROTOS, DESCRIPTOR_SET)
     run_protoc([f"--python_out={GEN_PY}", f"--pyi_out={GEN_PY}", f"--grpc_python_out={GEN_PY}", *sources])
     run_protoc([f"--python_out={GEN_PY}", f"--pyi_out={GEN_PY}", VALIDATE_PROTO])
-    run_protoc(
-        [
-            f"--descriptor_set_out={DESCRIPTOR_SET}",
-            "--include_imports",
-            "--include_source_info",
-            *sources,
-            *EXTRA_INPUTS,
-        ]
-    )
     # Regular packages, so mypy and importers see plain modules.
     for directory in [GEN_PY / "buf", *(p for p in GEN_PY.rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()

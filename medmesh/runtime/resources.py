@@ -96,18 +96,18 @@ async def list_page(
     return page_of(items, page, filter_text)
 
 
-async def replace_checked(store: ResourceStore[R], updated: R, current: R, name: str) -> R:
+async def replace_checked(store: ResourceStore[R], updated: R, current: R) -> R:
     """Writes an update read at `current`'s revision; ABORTED if someone wrote in between."""
     if not await store.replace(updated, current.revision):
-        raise Aborted("the resource changed during the update; retry", metadata={"resource": name})
+        raise Aborted("the resource changed during the update; retry", metadata={"resource": current.id})
     return updated
 
 
-async def delete_checked(store: ResourceStore[R], current: R, etag: str, name: str) -> None:
+async def delete_checked(store: ResourceStore[R], current: R, etag: str) -> None:
     """AIP-135 Delete with an optional etag; ABORTED if the resource changed since it was read."""
     check_etag(current.id, current.revision, etag)
     if not await store.delete(current.id, current.revision):
-        raise Aborted("the resource changed during the delete; retry", metadata={"resource": name})
+        raise Aborted("the resource changed during the delete; retry", metadata={"resource": current.id})
 
 
 class MongoRepository(Generic[R]):

@@ -91,7 +91,7 @@ class DeviceService:
         updated = current.updated(changes, fields, now())
         if updated.organization != current.organization:
             await self._require_existing_organization(updated.organization, "device.organization")
-        return await replace_checked(self._store, updated, current, name)
+        return await replace_checked(self._store, updated, current)
 
     async def delete(self, name: str, etag: str) -> None:
-        await delete_checked(self._store, await self.get(name), etag, name)
+        await delete_checked(self._store, await self.get(name), etag)

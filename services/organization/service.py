@@ -83,7 +83,7 @@ class OrganizationService:
         check_etag(current.id, current.revision, etag)
         fields = resolve_update_mask(mask, UPDATABLE_FIELDS, "organization")
         updated = current.updated(changes, fields, now())
-        return await replace_checked(self._store, updated, current, name)
+        return await replace_checked(self._store, updated, current)
 
     async def delete(self, name: str, etag: str) -> None:
-        await delete_checked(self._store, await self.get(name), etag, name)
+        await delete_checked(self._store, await self.get(name), etag)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,18 @@ from medmesh.launcher.config import BASE_PORTS, PlatformConfig
 from medmesh.launcher.supervisor import pid_alive, port_in_use
 
 MEDMESH = [sys.executable, "-m", "medmesh.cli"]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel reports free on 127.0.0.1 (held together, so they are distinct)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def free_port_offset() -> int:

@@ -17,6 +17,7 @@ from medmesh.device.v1 import device_service_pb2_grpc as device_grpc
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
 from tests.integration.platform import Platform
+from tests.rich_status import unpack_details
 
 SERVICES = {
     "organization": "medmesh.organization.v1.OrganizationService",
@@ -46,18 +47,9 @@ def test_reflection_lists_the_service(platform: Platform) -> None:
 def _rich_error(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo, list[str]]:
     status = rpc_status.from_call(error)
     assert status is not None
-    infos, fields = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
+    infos, bad_requests = unpack_details(status)
     assert len(infos) == 1
-    return infos[0], fields
+    return infos[0], [v.field for bad in bad_requests for v in bad.field_violations]
 
 
 def test_standard_methods_over_grpc_through_envoy(gateway_channel: grpc.Channel) -> None:

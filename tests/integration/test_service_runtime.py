@@ -17,24 +17,16 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from medmesh.launcher.supervisor import port_in_use
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
 from medmesh.runtime.settings import Settings
 from medmesh.runtime.storage import object_store
-from tests.integration.platform import Platform
-
-
-def _free_port() -> int:
-    for port in range(46000, 47000):
-        if not port_in_use(port):
-            return port
-    raise RuntimeError("no free port")
+from tests.integration.platform import Platform, free_ports
 
 
 class ServiceProcess:
     def __init__(self, mongodb_uri: str, log_path: Path) -> None:
-        self.port = _free_port()
+        (self.port,) = free_ports(1)
         self.log_path = log_path
         env = {
             **os.environ,

@@ -23,10 +23,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.device.v1 import device_service_pb2_grpc as device_grpc
-from medmesh.launcher.supervisor import port_in_use
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
-from tests.integration.platform import Platform
+from tests.integration.platform import Platform, free_ports
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -41,11 +40,6 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
             for scope in resource_spans.scope_spans:
                 self.spans += [(service, span.trace_id, span.name) for span in scope.spans]
         return trace_service_pb2.ExportTraceServiceResponse()
-
-
-def _free_ports(count: int) -> list[int]:
-    ports = [p for p in range(47000, 48000) if not port_in_use(p)]
-    return ports[:count]
 
 
 @pytest.fixture
@@ -77,7 +71,7 @@ def test_a_request_is_one_trace_across_services_and_database(
     platform: Platform, collector: tuple[Collector, int], tmp_path: Path
 ) -> None:
     servicer, collector_port = collector
-    organization_port, device_port = _free_ports(2)
+    organization_port, device_port = free_ports(2)
     common = {
         **os.environ,
         "MEDMESH_MONGODB_URI": platform.config.mongodb_uri,

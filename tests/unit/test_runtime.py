@@ -13,7 +13,7 @@ import grpc
 import protovalidate
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 from grpc_status import rpc_status
 from pymongo.errors import ConnectionFailure
 
@@ -44,6 +44,7 @@ from services.organization import servicer as organization_servicer
 from services.organization.domain import Organization, OrganizationKind
 from services.organization.service import FILTER_FIELDS as ORGANIZATION_FILTER_FIELDS
 from services.organization.service import OrganizationService
+from tests.rich_status import Details, unpack_details
 from tests.unit.fakes import InMemoryRepository
 
 
@@ -304,25 +305,6 @@ def test_now_is_utc_with_millisecond_precision() -> None:
 
 
 # --- errors to google.rpc.Status ------------------------------------------------------------------
-
-
-Details = tuple[list[error_details_pb2.ErrorInfo], list[error_details_pb2.BadRequest]]
-
-
-def unpack_details(status: status_pb2.Status) -> Details:
-    infos, bad_requests = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            bad_requests.append(bad_request)
-        else:
-            raise AssertionError(f"unexpected detail {detail.type_url}")
-    return infos, bad_requests
 
 
 @pytest.mark.parametrize(
