@@ -13,6 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from pymongo.errors import ConnectionFailure
 
+from medmesh.runtime.auth import Authenticator, acting_as, source_ip
 from medmesh.runtime.errors import DomainError, FieldViolation, Internal, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,19 @@ def validation_error(message: pb_message.Message, violations: list[protovalidate
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Runs protovalidate on every request before its handler, then turns errors into rich status.
+    """Authenticates the caller, runs protovalidate, calls the handler, turns errors into rich status.
 
+    The caller is known (or refused with UNAUTHENTICATED) before the request is validated, and
+    the handler runs with the caller's principal in `medmesh.runtime.auth.current_principal()`.
     Handlers raise DomainError; nothing else in a service knows about status codes.
     An unexpected exception is logged with its trace and answered as INTERNAL with an
     ErrorInfo, never with an empty reply.
     """
 
-    def __init__(self, error_domain: str) -> None:
+    def __init__(self, error_domain: str, authenticator: Authenticator | None = None) -> None:
         self._domain = error_domain
         self._validator = protovalidate.Validator()
+        self._authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -74,16 +78,23 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
-            return handler  # streaming methods (reflection, Health.Watch) pass through unchanged
+            # Streaming methods (reflection, Health.Watch) pass through unchanged; medmesh's own
+            # APIs are unary, so every one of them is authenticated below.
+            return handler
         inner: Behavior = handler.unary_unary
         method = handler_call_details.method
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                violations = self._validator.collect_violations(request)
-                if violations:
-                    raise validation_error(request, violations)
-                return await inner(request, context)
+                metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+                principal = None
+                if self._authenticator is not None:
+                    principal = await self._authenticator.authenticate(method, metadata)
+                with acting_as(principal, method, source_ip(metadata, context.peer() or "")):
+                    violations = self._validator.collect_violations(request)
+                    if violations:
+                        raise validation_error(request, violations)
+                    return await inner(request, context)
             except DomainError as error:
                 await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, self._domain)))
             except ConnectionFailure as error:

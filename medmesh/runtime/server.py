@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+from medmesh.runtime.auth import Authenticator
 from medmesh.runtime.interceptors import RequestInterceptor
 from medmesh.runtime.settings import Settings
 from medmesh.runtime.telemetry import configure_logging, configure_tracing
@@ -95,15 +96,19 @@ async def serve(
     *,
     on_start: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    authenticator: Authenticator | None = None,
 ) -> None:
-    """Runs a gRPC service until SIGTERM or SIGINT, then shuts down gracefully."""
+    """Runs a gRPC service until SIGTERM or SIGINT, then shuts down gracefully.
+
+    Every medmesh service passes an `authenticator`; only tests of the runtime itself run without.
+    """
     configure_process(settings)
     server = grpc.aio.server(
         interceptors=[
             # Health probes are not traced: noise, and OpenTelemetry's aio interceptor breaks
             # streaming handlers that write with context.write(), as Health.Watch does.
             aio_server_interceptor(filter_=filters.negate(filters.health_check())),
-            RequestInterceptor(f"{settings.service}.medmesh"),
+            RequestInterceptor(f"{settings.service}.medmesh", authenticator),
         ],
         options=[
             ("grpc.so_reuseport", 0),
