@@ -78,6 +78,13 @@ class Unauthenticated(DomainError):
     default_reason = "UNAUTHENTICATED"
 
 
+class ResourceExhausted(DomainError):
+    """Too many attempts (for example failed logins); metadata says when to retry."""
+
+    code = "RESOURCE_EXHAUSTED"
+    default_reason = "TOO_MANY_ATTEMPTS"
+
+
 class Internal(DomainError):
     """A bug or an unexpected failure; details go to the log, not to the caller."""
 

@@ -27,7 +27,11 @@ class Condition:
     value: Any
 
     def matches(self, item: Any) -> bool:
-        return bool(getattr(item, self.key) == self.value) == self.equal
+        """Like MongoDB: on a list or tuple attribute, `=` means "contains"."""
+        actual = getattr(item, self.key)
+        if isinstance(actual, list | tuple) and not isinstance(self.value, list | tuple):
+            return (self.value in actual) == self.equal
+        return bool(actual == self.value) == self.equal
 
 
 def mongo_query(conditions: Sequence[Condition]) -> dict[str, Any]:

@@ -88,12 +88,18 @@ async def list_page(
     fields: Mapping[str, tuple[str, Converter]],
     page_size: int,
     page_token: str,
+    scope: Sequence[Condition] = (),
 ) -> tuple[list[R], str]:
-    """AIP-132 List: filter, read one more than a page after the cursor, and the next token."""
-    conditions = parse_filter(filter_text, fields)
-    page = page_request(page_size, page_token, filter_text)
+    """AIP-132 List: filter, read one more than a page after the cursor, and the next token.
+
+    `scope` holds the server-side conditions the caller cannot lift (tenancy: the caller's
+    organization); page tokens are bound to it as well as to the filter.
+    """
+    conditions = [*scope, *parse_filter(filter_text, fields)]
+    query = filter_text if not scope else f"{filter_text}\x00{scope!r}"
+    page = page_request(page_size, page_token, query)
     items = await store.list(conditions, page.after, page.size + 1)
-    return page_of(items, page, filter_text)
+    return page_of(items, page, query)
 
 
 async def replace_checked(store: ResourceStore[R], updated: R, current: R) -> R:

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 DEFAULT_GRPC_PORTS: dict[str, int] = {
     "organization": 50051,
     "device": 50052,
+    "identity": 50053,
+    "patient": 50054,
+    "audit": 50055,
     "mqtt_adapter": 50060,
 }
 
