@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medmesh.launcher.components import SERVICES
 from medmesh.launcher.gateway import render_envoy_config
+from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
+
+GATEWAY_UPSTREAMS = [name for name, _ in SERVICES]
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "k8s" / "base" / "envoy.yaml"
@@ -21,10 +25,11 @@ def render(dest: Path = TARGET) -> Path:
         listen_host="0.0.0.0",
         listen_port=8443,
         admin_port=9901,
-        upstreams={"organization": ("organization", 50051), "device": ("device", 50052)},
+        upstreams={name: (name, DEFAULT_GRPC_PORTS[name]) for name in GATEWAY_UPSTREAMS},
         tls_cert=Path("/etc/medmesh/tls/tls.crt"),
         tls_key=Path("/etc/medmesh/tls/tls.key"),
         descriptor=Path("/etc/medmesh/proto/medmesh.binpb"),
+        ca_cert=Path("/etc/medmesh/tls/ca.crt"),
     )
 
 

@@ -23,8 +23,11 @@ HealthCheck = Callable[[], Awaitable[bool]]
 
 # The Python components: (name, module, what it serves).
 SERVICES: list[tuple[str, str]] = [
+    ("identity", "services.identity"),
     ("organization", "services.organization"),
+    ("patient", "services.patient"),
     ("device", "services.device"),
+    ("audit", "services.audit"),
 ]
 
 
@@ -81,6 +84,7 @@ def service_environment(config: PlatformConfig) -> dict[str, str]:
         "MEDMESH_S3_ENDPOINT": config.s3_endpoint,
         "MEDMESH_S3_ACCESS_KEY": credentials.access_key,
         "MEDMESH_S3_SECRET_KEY": credentials.secret_key,
+        "MEDMESH_INTERNAL_TOKEN": config.internal_token(),
         "PYTHONUNBUFFERED": "1",
     }
     for peer in DEFAULT_GRPC_PORTS:
@@ -165,8 +169,22 @@ def _python_component(config: PlatformConfig, name: str, module: str) -> Compone
     port = config.port(name)
     address = f"127.0.0.1:{port}"
     env = {**service_environment(config), "MEDMESH_GRPC_PORT": str(port)}
+    prepare = None
+    if name == "identity":
+        # The first platform admin: identity creates the user from this file on its first start.
+        env["MEDMESH_BOOTSTRAP_ADMIN_FILE"] = str(config.admin_credentials_file)
+
+        def prepare() -> None:
+            config.admin_credentials()
+
     return Component(
-        name, [sys.executable, "-m", module], lambda: grpc_serving(address), f"grpc {address}", [port], env
+        name,
+        [sys.executable, "-m", module],
+        lambda: grpc_serving(address),
+        f"grpc {address}",
+        [port],
+        env,
+        prepare=prepare,
     )
 
 
@@ -184,6 +202,8 @@ def _envoy(config: PlatformConfig) -> Component:
             tls_cert=config.tls_dir / "server.crt",
             tls_key=config.tls_dir / "server.key",
             descriptor=config.descriptor_set,
+            ca_cert=config.tls_dir / "ca.crt",
+            jwks_cache_seconds=int(cache) if (cache := os.environ.get("MEDMESH_GATEWAY_JWKS_CACHE_SECONDS")) else None,
         )
 
     admin = config.port("gateway_admin")

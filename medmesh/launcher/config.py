@@ -43,6 +43,22 @@ def _env(name: str) -> str:
     return os.environ.get(name, "").strip()
 
 
+def _secret_file(path: Path, make: dict[str, str]) -> dict[str, str]:
+    """Reads a JSON secret kept in the state directory, writing `make` (mode 0600) the first time."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(make))
+    data: dict[str, str] = json.loads(path.read_text())
+    return data
+
+
+@dataclass(frozen=True)
+class AdminCredentials:
+    username: str
+    password: str
+
+
 @dataclass(frozen=True)
 class S3Credentials:
     access_key: str
@@ -108,10 +124,22 @@ class PlatformConfig:
         """External S3: from the environment. Embedded: made once, kept in the state directory."""
         if self.external_s3_endpoint:
             return S3Credentials(_env("MEDMESH_S3_ACCESS_KEY"), _env("MEDMESH_S3_SECRET_KEY"))
-        path = self.state_dir / "s3-credentials.json"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"access_key": "medmesh", "secret_key": secrets.token_urlsafe(24)}))
-            path.chmod(0o600)
-        data = json.loads(path.read_text())
+        data = _secret_file(
+            self.state_dir / "s3-credentials.json", {"access_key": "medmesh", "secret_key": secrets.token_urlsafe(24)}
+        )
         return S3Credentials(data["access_key"], data["secret_key"])
+
+    @property
+    def admin_credentials_file(self) -> Path:
+        return self.state_dir / "admin-credentials.json"
+
+    def admin_credentials(self) -> AdminCredentials:
+        """The first platform admin, made once: the identity service creates the user on first start."""
+        data = _secret_file(
+            self.admin_credentials_file, {"username": "admin@medmesh.local", "password": secrets.token_urlsafe(18)}
+        )
+        return AdminCredentials(data["username"], data["password"])
+
+    def internal_token(self) -> str:
+        """The mesh credential that internal-only methods (audit ingest) require of callers."""
+        return _secret_file(self.state_dir / "internal-token.json", {"token": secrets.token_urlsafe(32)})["token"]

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -20,6 +21,8 @@ LISTENER_NAME = "https"
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWKS_CLUSTER = "jwks"
 
 # Hot restart is disabled, so Envoy should create no shared memory; a distinct --base-id per
 # admin port still guarantees two gateways never meet there. The offset keeps clear of the small
@@ -38,13 +41,18 @@ def render_envoy_config(
     tls_cert: Path,
     tls_key: Path,
     descriptor: Path,
+    ca_cert: Path,
+    jwks_cache_seconds: int | None = None,
 ) -> Path:
     """Write `source` (an Envoy bootstrap) to `dest` with addresses and paths replaced.
 
     `upstreams` maps cluster names to (host, port); every name must be a cluster of `source`
     (KeyError otherwise), and clusters not named keep their endpoints. A host that is not an
     IP literal turns its cluster into STRICT_DNS, since STATIC clusters accept only IPs.
-    Certificate, key and descriptor paths are written as absolute paths. Returns `dest`.
+    Certificate, key and descriptor paths are written as absolute paths. The `jwks` cluster,
+    through which jwt_authn fetches the signing keys from this same listener, follows the
+    listener's port and trusts `ca_cert`; `jwks_cache_seconds` overrides how long Envoy keeps
+    the keys (tests rotate keys in seconds). Returns `dest`.
     """
     config = yaml.safe_load(source.read_text(encoding="utf-8"))
     # _get raises ValueError for anything that is not the expected bootstrap shape.
@@ -54,6 +62,7 @@ def render_envoy_config(
     _set_socket_address(_get(listener, "address"), host=listen_host, port=listen_port)
 
     transcoders = 0
+    jwt_filters = 0
     tls_contexts = 0
     for chain in _as_list(listener.get("filter_chains", []), "filter_chains"):
         socket = chain.get("transport_socket")
@@ -72,11 +81,21 @@ def render_envoy_config(
                     typed_config = _get(http_filter, "typed_config")
                     typed_config["proto_descriptor"] = str(descriptor.resolve())
                     transcoders += 1
+                if http_filter.get("name") == JWT_FILTER:
+                    for provider in _get(http_filter, "typed_config", "providers").values():
+                        remote = _get(provider, "remote_jwks")
+                        http_uri = _get(remote, "http_uri")
+                        http_uri["uri"] = f"https://localhost:{listen_port}{urlsplit(http_uri['uri']).path}"
+                        if jwks_cache_seconds is not None:
+                            remote["cache_duration"] = f"{jwks_cache_seconds}s"
+                    jwt_filters += 1
     # Serving plaintext, or REST without a transcoder, must not pass silently.
     if tls_contexts == 0:
         raise ValueError(f"{source}: listener {LISTENER_NAME!r} has no TLS certificate to set")
     if transcoders == 0:
         raise ValueError(f"{source}: listener {LISTENER_NAME!r} has no {TRANSCODER_FILTER}")
+    if jwt_filters == 0:
+        raise ValueError(f"{source}: listener {LISTENER_NAME!r} has no {JWT_FILTER}")
 
     clusters = {
         cluster["name"]: cluster for cluster in _as_list(_get(config, "static_resources", "clusters"), "clusters")
@@ -85,6 +104,13 @@ def render_envoy_config(
         if name not in clusters:
             raise KeyError(f"no cluster named {name!r} in {source}; have {sorted(clusters)}")
         _set_cluster_endpoint(clusters[name], host, port)
+    if JWKS_CLUSTER not in clusters:
+        raise ValueError(f"{source}: no cluster {JWKS_CLUSTER!r} for the signing keys")
+    jwks = clusters[JWKS_CLUSTER]
+    own_host = "127.0.0.1" if listen_host in {"0.0.0.0", "::"} else listen_host
+    _set_cluster_endpoint(jwks, own_host, listen_port)
+    validation = _get(jwks, "transport_socket", "typed_config", "common_tls_context", "validation_context")
+    validation["trusted_ca"] = {"filename": str(ca_cert.resolve())}
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(

@@ -61,9 +61,14 @@ class Principal:
     def is_platform_admin(self) -> bool:
         return self.role is Role.PLATFORM_ADMIN
 
+    @property
+    def sees_every_organization(self) -> bool:
+        """Platform admins (and internal callers) act across organizations; PHI rules still apply."""
+        return self.is_internal or self.is_platform_admin
+
     def can_access(self, organization: str) -> bool:
         """May act on resources owned by `organization` (PHI rules come on top of this)."""
-        return self.is_internal or self.is_platform_admin or organization == self.organization
+        return self.sees_every_organization or organization == self.organization
 
     def require_access(self, organization: str, resource: str = "") -> None:
         """PERMISSION_DENIED unless `can_access`; call before looking the resource up (so before NOT_FOUND)."""
@@ -122,6 +127,11 @@ def acting_as(principal: Principal | None, method: str = "", source_ip: str = ""
         yield call
     finally:
         _current_call.reset(reset)
+
+
+def manufacturer_organization_id() -> str:
+    """The manufacturer's organization id (the platform admins' home), the same in every service."""
+    return os.environ.get("MEDMESH_MANUFACTURER_ORGANIZATION", "").strip() or "manufacturer"
 
 
 def internal_principal(service: str) -> Principal:

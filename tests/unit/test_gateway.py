@@ -101,6 +101,7 @@ def rendered(tmp_path: Path, pki: LocalPki, ports: dict[str, int]) -> Path:
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
         descriptor=DESCRIPTOR,
+        ca_cert=pki.ca_cert,
     )
 
 
@@ -166,14 +167,34 @@ def test_rendering_keeps_tls_13_and_everything_not_patched(rendered: Path) -> No
     assert _hcm(config)["route_config"] == _hcm(source)["route_config"]
     assert _hcm(config)["local_reply_config"] == _hcm(source)["local_reply_config"]
     assert [f["name"] for f in _hcm(config)["http_filters"]] == [
+        "envoy.filters.http.jwt_authn",
         "envoy.filters.http.grpc_json_transcoder",
         "envoy.filters.http.router",
     ]
+    (jwt_filter,) = (f for f in _hcm(config)["http_filters"] if f["name"].endswith("jwt_authn"))
+    (source_jwt,) = (f for f in _hcm(source)["http_filters"] if f["name"].endswith("jwt_authn"))
+    assert jwt_filter["typed_config"]["rules"] == source_jwt["typed_config"]["rules"]
     for cluster, original in zip(
         config["static_resources"]["clusters"], source["static_resources"]["clusters"], strict=True
     ):
-        assert cluster["health_checks"] == original["health_checks"]
-        assert cluster["typed_extension_protocol_options"] == (original["typed_extension_protocol_options"])
+        assert cluster.get("health_checks") == original.get("health_checks")
+        assert cluster.get("typed_extension_protocol_options") == original.get("typed_extension_protocol_options")
+
+
+def test_rendered_jwks_fetch_goes_through_the_rendered_listener(
+    rendered: Path, ports: dict[str, int], pki: LocalPki
+) -> None:
+    config = yaml.safe_load(rendered.read_text())
+    (jwt_filter,) = (f for f in _hcm(config)["http_filters"] if f["name"].endswith("jwt_authn"))
+    remote = jwt_filter["typed_config"]["providers"]["medmesh"]["remote_jwks"]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    (group,) = clusters["jwks"]["load_assignment"]["endpoints"]
+    (endpoint,) = group["lb_endpoints"]
+    tls = clusters["jwks"]["transport_socket"]["typed_config"]["common_tls_context"]
+
+    assert remote["http_uri"]["uri"] == f"https://localhost:{ports['listen']}/.well-known/jwks.json"
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": ports["listen"]}
+    assert tls["validation_context"]["trusted_ca"] == {"filename": str(pki.ca_cert.resolve())}
 
 
 def test_source_routes_each_grpc_service_to_its_cluster() -> None:
@@ -187,11 +208,17 @@ def test_source_routes_each_grpc_service_to_its_cluster() -> None:
     assert routed == {
         "/medmesh.organization.v1.OrganizationService/": "organization",
         "/medmesh.device.v1.DeviceService/": "device",
+        "/medmesh.identity.v1.AuthenticationService/": "identity",
+        "/medmesh.identity.v1.IdentityService/": "identity",
+        "/medmesh.patient.v1.PatientService/": "patient",
+        "/medmesh.audit.v1.AuditService/": "audit",
     }
+    assert "/medmesh.audit.v1.AuditIngestService/" not in routed  # internal only
     assert sorted(f"/{service}/" for service in services) == sorted(routed)
     for prefix, cluster_name in routed.items():
         (health_check,) = clusters[cluster_name]["health_checks"]
-        assert health_check["grpc_health_check"]["service_name"] == prefix.strip("/")
+        checked = health_check["grpc_health_check"]["service_name"]
+        assert f"/{checked}/" in routed and routed[f"/{checked}/"] == cluster_name, prefix
     assert vhost["routes"][-1]["match"] == {"prefix": "/"}
     assert vhost["routes"][-1]["direct_response"]["status"] == 404
 
@@ -207,6 +234,7 @@ def test_hostname_upstream_switches_cluster_to_dns(tmp_path: Path, pki: LocalPki
         tls_cert=pki.server_cert,
         tls_key=pki.server_key,
         descriptor=DESCRIPTOR,
+        ca_cert=pki.ca_cert,
     )
     config = yaml.safe_load(dest.read_text())
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
@@ -229,6 +257,7 @@ def test_unknown_upstream_name_raises_key_error(tmp_path: Path, pki: LocalPki) -
             tls_cert=pki.server_cert,
             tls_key=pki.server_key,
             descriptor=DESCRIPTOR,
+            ca_cert=pki.ca_cert,
         )
     assert not (tmp_path / "envoy.yaml").exists()
 
@@ -334,14 +363,15 @@ def test_gateway_serves_tls_13_only(running_gateway: int, pki: LocalPki) -> None
 
 @needs_descriptor
 def test_gateway_answers_rest_errors_as_json(running_gateway: int, pki: LocalPki) -> None:
+    # Without a token, everything but login, refresh, logout, JWKS and health is refused first.
     _, status, headers, body = _https_get(running_gateway, pki.ca_cert, "/no/such/path")
-    assert status == 404
+    assert status == 401
     assert headers["content-type"] == "application/json"
-    assert json.loads(body)["code"] == 5  # NOT_FOUND
+    assert json.loads(body) == {"code": 16, "message": "Jwt is missing"}  # UNAUTHENTICATED
 
-    # The organization service is not running, so its only host is unhealthy: Envoy must
-    # refuse (no panic routing) with UNAVAILABLE rather than try it.
-    _, status, headers, body = _https_get(running_gateway, pki.ca_cert, "/v1/organizations/acme")
+    # The identity service is not running, so its only host is unhealthy: Envoy must refuse
+    # (no panic routing) with UNAVAILABLE rather than try it.
+    _, status, headers, body = _https_get(running_gateway, pki.ca_cert, "/.well-known/jwks.json")
     assert status == 503
     assert headers["content-type"] == "application/json"
     assert json.loads(body) == {"code": 14, "message": "no healthy upstream"}
