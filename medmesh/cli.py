@@ -4,6 +4,9 @@ medmesh up            start everything in the foreground; Ctrl-C stops it all
 medmesh up --detach   the same in the background; returns once everything is healthy
 medmesh status        what runs, where, and whether it is healthy
 medmesh down          stop a detached platform; no process is left behind
+medmesh login         log in (as the first platform admin unless --username is given)
+medmesh token         print a valid access token: curl -H "Authorization: Bearer $(medmesh token)"
+medmesh logout        revoke the saved session
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import signal
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from medmesh.launcher import session
 from medmesh.launcher.components import Component, platform_components, prerequisites
 from medmesh.launcher.config import PlatformConfig
 from medmesh.launcher.supervisor import StartupError, Supervisor, log_tail, pid_alive, stop_recorded, tty_say
@@ -189,6 +194,38 @@ def cmd_logs(config: PlatformConfig, component: str, lines: int) -> int:
     return 0
 
 
+def cmd_login(config: PlatformConfig, username: str | None, password_stdin: bool) -> int:
+    password = None
+    if username is not None:
+        prompt = f"password for {username}: "
+        password = sys.stdin.readline().rstrip("\n") if password_stdin else getpass.getpass(prompt)
+    try:
+        current = session.login(config, username, password)
+    except session.SessionError as error:
+        print(f"medmesh: login failed: {error}", file=sys.stderr)
+        return 1
+    say(f"logged in as {current.username}; `medmesh token` prints the access token")
+    return 0
+
+
+def cmd_token(config: PlatformConfig) -> int:
+    try:
+        print(session.token(config))
+    except session.SessionError as error:
+        print(f"medmesh: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_logout(config: PlatformConfig) -> int:
+    try:
+        session.logout(config)
+    except session.SessionError as error:
+        print(f"medmesh: logout failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="medmesh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     logs = commands.add_parser("logs", help="show the end of a component's log")
     logs.add_argument("component")
     logs.add_argument("-n", type=int, default=40)
+    login = commands.add_parser("login", help="log in; as the first platform admin by default")
+    login.add_argument("--username", "-u", help="log in as this user (asks for the password)")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    commands.add_parser("token", help="print a valid access token (logs in as the admin if needed)")
+    commands.add_parser("logout", help="revoke the saved session")
     commands.add_parser("_supervise", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = PlatformConfig.from_env()
@@ -215,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(config)
     if args.command == "down":
         return cmd_down(config)
+    if args.command == "login":
+        return cmd_login(config, args.username, args.password_stdin)
+    if args.command == "token":
+        return cmd_token(config)
+    if args.command == "logout":
+        return cmd_logout(config)
     return cmd_logs(config, args.component, args.n)
 
 

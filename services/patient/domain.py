@@ -185,7 +185,9 @@ def parse_name(name: str, field: str = "name") -> tuple[str, str]:
         except InvalidArgument:
             pass
     raise InvalidArgument.for_field(
-        field, f"must look like organizations/{{organization}}/patients/{{patient}}, got {name!r}", reason="INVALID_NAME"
+        field,
+        f"must look like organizations/{{organization}}/patients/{{patient}}, got {name!r}",
+        reason="INVALID_NAME",
     )
 
 

@@ -94,9 +94,7 @@ def _authorize(principal: Principal, organization: str, resource: str, roles: tu
 
 
 class PatientService:
-    def __init__(
-        self, store: ResourceStore[Patient], organizations: OrganizationDirectory, trail: AuditTrail
-    ) -> None:
+    def __init__(self, store: ResourceStore[Patient], organizations: OrganizationDirectory, trail: AuditTrail) -> None:
         self._store = store
         self._organizations = organizations
         self._trail = trail

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import empty_pb2
-from google.type import date_pb2
 
 from medmesh.patient.v1 import patient_service_pb2 as pb
 from medmesh.patient.v1 import patient_service_pb2_grpc as pb_grpc
@@ -36,8 +35,10 @@ def to_pb(shown: DisclosedPatient) -> pb.Patient:
         etag=patient.etag,
     )
     if patient.birth_date is not None:
-        birth_date = patient.birth_date
-        message.birth_date.CopyFrom(date_pb2.Date(year=birth_date.year, month=birth_date.month, day=birth_date.day))
+        # Set field by field: google.type ships without type information.
+        message.birth_date.year = patient.birth_date.year
+        message.birth_date.month = patient.birth_date.month
+        message.birth_date.day = patient.birth_date.day
     if not patient.contact.is_empty:
         contact = patient.contact
         message.contact.CopyFrom(pb.Contact(email=contact.email, phone=contact.phone, address=contact.address))
