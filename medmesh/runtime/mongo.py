@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
@@ -33,20 +33,27 @@ class IndexedRepository(Protocol):
     async def ensure_indexes(self) -> None: ...
 
 
-def readiness(database: AsyncDatabase[Document], *repositories: IndexedRepository) -> Callable[[], Awaitable[None]]:
-    """Ready = the database answers a ping and the repositories' indexes exist.
+def readiness(
+    database: AsyncDatabase[Document],
+    *repositories: IndexedRepository,
+    setup: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> Callable[[], Awaitable[None]]:
+    """Ready = the database answers a ping, the repositories' indexes exist and `setup` has run.
 
-    Indexes are made on the first successful check rather than at start-up, so a
-    service started before its database comes up recovers by itself.
+    Indexes and first-run setup (idempotent steps such as creating the manufacturer
+    organization) happen on the first successful check rather than at start-up, so a service
+    started before its database comes up recovers by itself.
     """
-    indexed = False
+    prepared = False
 
     async def check() -> None:
-        nonlocal indexed
+        nonlocal prepared
         await ping(database)
-        if not indexed:
+        if not prepared:
             for repository in repositories:
                 await repository.ensure_indexes()
-            indexed = True
+            for step in setup:
+                await step()
+            prepared = True
 
     return check

@@ -31,11 +31,11 @@ async def main() -> None:
         OrganizationServicer(service),
         pb_grpc.add_OrganizationServiceServicer_to_server,
     )
-    ready = readiness(database, repository, trail)
+    manufacturer_name = os.environ.get("MEDMESH_MANUFACTURER_NAME", "").strip() or "Manufacturer"
+    ready = readiness(database, repository, trail, setup=[lambda: service.ensure_manufacturer(manufacturer_name)])
     background: list[asyncio.Task[None]] = []
 
     async def start() -> None:
-        await service.ensure_manufacturer(os.environ.get("MEDMESH_MANUFACTURER_NAME", "").strip() or "Manufacturer")
         background.append(asyncio.create_task(trail.run()))
 
     async def stop() -> None:

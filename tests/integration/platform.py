@@ -6,10 +6,13 @@ import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from medmesh.launcher.config import BASE_PORTS, PlatformConfig
 from medmesh.launcher.supervisor import pid_alive, port_in_use
@@ -80,6 +83,32 @@ class Platform:
         status = json.loads((self.state_dir / "platform.json").read_text())
         return [status["supervisor_pid"], *(c["pid"] for c in status["components"])]
 
+    def admin_credentials(self) -> tuple[str, str]:
+        """The first platform admin, written by `medmesh up` into the state directory."""
+        data = json.loads((self.state_dir / "admin-credentials.json").read_text())
+        return data["username"], data["password"]
+
+    def login(self, username: str, password: str) -> dict[str, str]:
+        """Logs in through the gateway (REST); the token response as JSON."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        with httpx.Client(base_url=self.gateway, verify=context, timeout=30.0) as client:
+            reply = client.post("/v1/auth:login", json={"password": {"username": username, "password": password}})
+        assert reply.status_code == 200, reply.text
+        data: dict[str, str] = reply.json()
+        return data
+
+    def admin_token(self) -> str:
+        return self.login(*self.admin_credentials())["access_token"]
+
+    def service_environment(self) -> dict[str, str]:
+        """For a service process a test starts itself: this platform's identity (for token
+        keys), audit service, other peers and mesh credential."""
+        internal = json.loads((self.state_dir / "internal-token.json").read_text())["token"]
+        env = {**os.environ, "MEDMESH_INTERNAL_TOKEN": internal}
+        for peer in ("identity", "audit", "organization", "patient", "device"):
+            env[f"MEDMESH_{peer.upper()}_ADDR"] = self.grpc_address(peer)
+        return env
+
     def down(self) -> list[int]:
         """Stops the platform; returns the pids that are still alive afterwards (should be none)."""
         pids = self.recorded_pids()
@@ -90,5 +119,13 @@ class Platform:
 
 def new_platform(state_dir: Path) -> Platform:
     offset = free_port_offset()
-    env = {**os.environ, "MEDMESH_STATE_DIR": str(state_dir), "MEDMESH_PORT_OFFSET": str(offset)}
+    env = {
+        **os.environ,
+        "MEDMESH_STATE_DIR": str(state_dir),
+        "MEDMESH_PORT_OFFSET": str(offset),
+        # Key rotation in seconds rather than minutes: the gateway keeps the keys 1 s, and a new
+        # key is published 3 s before it signs.
+        "MEDMESH_GATEWAY_JWKS_CACHE_SECONDS": "1",
+        "MEDMESH_JWKS_PUBLISH_LEAD_SECONDS": "3",
+    }
     return Platform(state_dir=state_dir, offset=offset, env=env)

@@ -22,6 +22,9 @@ from tests.rich_status import unpack_details
 SERVICES = {
     "organization": "medmesh.organization.v1.OrganizationService",
     "device": "medmesh.device.v1.DeviceService",
+    "identity": "medmesh.identity.v1.IdentityService",
+    "patient": "medmesh.patient.v1.PatientService",
+    "audit": "medmesh.audit.v1.AuditService",
     "mqtt_adapter": "",
 }
 
@@ -57,12 +60,12 @@ def test_standard_methods_over_grpc_through_envoy(gateway_channel: grpc.Channel)
     devices = device_grpc.DeviceServiceStub(gateway_channel)
     organization = organizations.CreateOrganization(
         org_pb.CreateOrganizationRequest(
-            organization=org_pb.Organization(display_name="Via gRPC", kind=org_pb.Organization.KIND_MANUFACTURER),
-            organization_id=f"maker-{uuid.uuid4().hex[:8]}",
+            organization=org_pb.Organization(display_name="Via gRPC", kind=org_pb.Organization.KIND_CARE_PROVIDER),
+            organization_id=f"clinic-{uuid.uuid4().hex[:8]}",
         ),
         timeout=10,
     )
-    assert organization.kind == org_pb.Organization.KIND_MANUFACTURER
+    assert organization.kind == org_pb.Organization.KIND_CARE_PROVIDER
     serial = f"GRPC-{uuid.uuid4().hex[:8]}"
     device = devices.CreateDevice(
         device_pb.CreateDeviceRequest(

@@ -25,11 +25,11 @@ from tests.integration.platform import Platform, free_ports
 
 
 class ServiceProcess:
-    def __init__(self, mongodb_uri: str, log_path: Path) -> None:
+    def __init__(self, mongodb_uri: str, log_path: Path, base_env: dict[str, str]) -> None:
         (self.port,) = free_ports(1)
         self.log_path = log_path
         env = {
-            **os.environ,
+            **base_env,
             "MEDMESH_GRPC_PORT": str(self.port),
             "MEDMESH_MONGODB_URI": mongodb_uri,
             "MEDMESH_HEALTH_INTERVAL_SECONDS": "0.3",
@@ -72,12 +72,13 @@ ServiceFactory = Callable[[str], ServiceProcess]
 
 
 @pytest.fixture
-def service_factory(tmp_path: Path) -> Iterator[ServiceFactory]:
-    """Starts organization service processes on free ports; kills any still running afterwards."""
+def service_factory(tmp_path: Path, platform: Platform) -> Iterator[ServiceFactory]:
+    """Starts organization service processes on free ports (using the platform's identity service
+    for token keys); kills any still running afterwards."""
     started: list[ServiceProcess] = []
 
     def start(mongodb_uri: str) -> ServiceProcess:
-        service = ServiceProcess(mongodb_uri, tmp_path / f"service-{len(started)}.log")
+        service = ServiceProcess(mongodb_uri, tmp_path / f"service-{len(started)}.log", platform.service_environment())
         started.append(service)
         return service
 
@@ -91,7 +92,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_health_follows_the_database_and_errors_are_logged_with_trace_ids(
-    service_factory: ServiceFactory,
+    service_factory: ServiceFactory, admin_token: str
 ) -> None:
     service = service_factory("mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300")
     service.wait_health(NOT_SERVING)
@@ -100,9 +101,11 @@ def test_health_follows_the_database_and_errors_are_logged_with_trace_ids(
     stub = org_grpc.OrganizationServiceStub(service.channel)
     with pytest.raises(grpc.RpcError) as failure:
         stub.CreateOrganization(
-            org_pb.CreateOrganizationRequest(organization=org_pb.Organization(display_name="x")), timeout=10
+            org_pb.CreateOrganizationRequest(organization=org_pb.Organization(display_name="x")),
+            timeout=10,
+            metadata=[("authorization", f"Bearer {admin_token}")],
         )
-    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert failure.value.code() == grpc.StatusCode.UNAVAILABLE, failure.value.details()
     warnings = [r for r in service.log_records() if r["level"] == "WARNING" and "database unavailable" in r["message"]]
     assert warnings
     assert len(warnings[0]["trace_id"]) == 32

@@ -6,7 +6,6 @@ what an operator's collector (Jaeger, Tempo, ...) would receive.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -68,12 +67,13 @@ def _serving(address: str, within: float = 20) -> None:
 
 
 def test_a_request_is_one_trace_across_services_and_database(
-    platform: Platform, collector: tuple[Collector, int], tmp_path: Path
+    platform: Platform, collector: tuple[Collector, int], tmp_path: Path, admin_token: str
 ) -> None:
     servicer, collector_port = collector
     organization_port, device_port = free_ports(2)
+    bearer = [("authorization", f"Bearer {admin_token}")]
     common = {
-        **os.environ,
+        **platform.service_environment(),
         "MEDMESH_MONGODB_URI": platform.config.mongodb_uri,
         "MEDMESH_ORGANIZATION_ADDR": f"127.0.0.1:{organization_port}",
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
@@ -96,7 +96,9 @@ def test_a_request_is_one_trace_across_services_and_database(
         _serving(f"127.0.0.1:{device_port}")
         with grpc.insecure_channel(f"127.0.0.1:{organization_port}") as channel:
             organization = org_grpc.OrganizationServiceStub(channel).CreateOrganization(
-                org_pb.CreateOrganizationRequest(organization=org_pb.Organization(display_name="Traced")), timeout=10
+                org_pb.CreateOrganizationRequest(organization=org_pb.Organization(display_name="Traced")),
+                timeout=10,
+                metadata=bearer,
             )
         with grpc.insecure_channel(f"127.0.0.1:{device_port}") as channel:
             device_grpc.DeviceServiceStub(channel).CreateDevice(
@@ -104,6 +106,7 @@ def test_a_request_is_one_trace_across_services_and_database(
                     device_id=f"TRACE-{uuid.uuid4().hex[:8]}", device=device_pb.Device(organization=organization.name)
                 ),
                 timeout=10,
+                metadata=bearer,
             )
 
         def create_device_trace() -> dict[str, set[str]]:
