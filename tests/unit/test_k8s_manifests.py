@@ -8,9 +8,10 @@ HPA and a Service that actually selects it. NetworkPolicies are checked by evalu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -28,8 +29,28 @@ KUSTOMIZATIONS = sorted(K8S.rglob("kustomization.yaml"))
 ZONE = "topology.kubernetes.io/zone"
 HOSTNAME = "kubernetes.io/hostname"
 # Python components: the module each Deployment runs -> its name in DEFAULT_GRPC_PORTS.
-PYTHON_MODULES = {"services.organization": "organization", "services.device": "device", "mqtt_adapter": "mqtt_adapter"}
-MONGO_SECRETS = {"organization": "organization-mongodb", "device": "device-mongodb"}
+PYTHON_MODULES = {
+    "services.organization": "organization",
+    "services.device": "device",
+    "services.identity": "identity",
+    "services.patient": "patient",
+    "services.audit": "audit",
+    "mqtt_adapter": "mqtt_adapter",
+}
+GRPC_SERVICES = ("organization", "device", "identity", "patient", "audit")
+MONGO_SECRETS = {name: f"{name}-mongodb" for name in GRPC_SERVICES}
+EDGES = ("gateway", "mqtt-adapter")
+# Who calls whom inside the mesh (the gateway and the internet aside): every service verifies
+# tokens with identity's keys and delivers audit events to audit.
+CALLS: dict[str, set[str]] = {
+    "organization": {"identity", "audit"},
+    "device": {"organization", "identity", "audit"},
+    "patient": {"organization", "identity", "audit"},
+    "identity": {"organization", "patient", "audit"},
+    "audit": {"identity"},
+    "mqtt-adapter": {"device"},
+}
+MESH_CREDENTIAL = {"secretKeyRef": {"name": "medmesh-internal", "key": "token"}}
 
 
 def rel(path: Path) -> str:
@@ -94,6 +115,34 @@ def python_module(deployment: dict[str, Any]) -> str | None:
     return None
 
 
+def effective_env(deployment: dict[str, Any]) -> dict[str, Any]:
+    """What the first container sees: medmesh-config's literals, overridden by its own env."""
+    container = containers(deployment)[0]
+    env: dict[str, Any] = {}
+    if {"configMapRef": {"name": "medmesh-config"}} in container.get("envFrom", []):
+        env.update(base_config())
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry.get("value", entry.get("valueFrom"))
+    return env
+
+
+def mounted_file(deployment: dict[str, Any], path: str) -> tuple[dict[str, Any], str | None]:
+    """The volume that puts `path` into the first container, and the key it comes from (None:
+    any key of that name, the volume lists none)."""
+    file = PurePosixPath(path)
+    mounts = {m["mountPath"]: m for m in containers(deployment)[0].get("volumeMounts", [])}
+    mount = mounts.get(str(file.parent))
+    assert mount is not None, f"{deployment['metadata']['name']}: nothing is mounted at {file.parent}"
+    assert mount.get("readOnly") is True
+    [volume] = [v for v in pod_spec(deployment)["volumes"] if v["name"] == mount["name"]]
+    source = volume.get("secret") or volume.get("configMap") or {}
+    if "items" not in source:
+        return volume, None
+    keys = {item["path"]: item["key"] for item in source["items"]}
+    assert file.name in keys, f"{volume['name']} does not provide {file.name}"
+    return volume, keys[file.name]
+
+
 def env_value(container: dict[str, Any], name: str) -> Any:
     for entry in container.get("env", []):
         if entry["name"] == name:
@@ -121,7 +170,7 @@ def deployment(name: str) -> dict[str, Any]:
 
 def test_there_is_a_base_and_both_overlays() -> None:
     assert {p.parent for p in KUSTOMIZATIONS} >= {BASE, OVERLAYS / "two-zones", OVERLAYS / "dev"}
-    assert set(DEPLOYMENTS) == {"organization", "device", "mqtt-adapter", "gateway"}
+    assert set(DEPLOYMENTS) == {*GRPC_SERVICES, *EDGES}
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=rel)
@@ -326,11 +375,92 @@ def test_adapter_knows_its_instance_name() -> None:
 def test_peer_addresses_match_the_services() -> None:
     config = base_config()
     services = by_name("Service")
-    for component in ("organization", "device"):
+    for component in GRPC_SERVICES:
         host, port = config[f"MEDMESH_{component.upper()}_ADDR"].split(":")
-        assert host in services
+        assert host == component
+        assert services[host]["spec"].get("clusterIP") == "None", "headless: clients balance per request"
         assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
         assert int(port) == DEFAULT_GRPC_PORTS[component]
+
+
+@pytest.mark.parametrize("name", PYTHON_DEPLOYMENTS)
+def test_each_component_is_told_where_the_peers_it_calls_are(name: str) -> None:
+    env = effective_env(deployment(name))
+    for peer in CALLS[name]:
+        # Unset, the code falls back to 127.0.0.1, which in a pod is nobody.
+        assert env.get(f"MEDMESH_{peer.upper()}_ADDR") == f"{peer}:{DEFAULT_GRPC_PORTS[peer]}"
+
+
+PEER_CHANNEL = re.compile(r"""peer_channel\(\s*["']([a-z_]+)["']""")
+
+
+def test_the_code_calls_no_peer_the_manifests_do_not_admit() -> None:
+    found: dict[str, set[str]] = {}
+    for name in PYTHON_DEPLOYMENTS:
+        package = ROOT.joinpath(*str(python_module(deployment(name))).split("."))
+        found[name] = {m for f in package.rglob("*.py") for m in PEER_CHANNEL.findall(f.read_text(encoding="utf-8"))}
+        assert found[name] <= CALLS[name], (
+            f"{name} dials {found[name] - CALLS[name]}: add them to CALLS and the policies"
+        )
+    assert found["device"] >= {"organization", "audit"}, "the scan finds nothing: has peer_channel been renamed?"
+
+
+@pytest.mark.parametrize("name", PYTHON_DEPLOYMENTS)
+def test_every_python_component_has_the_mesh_credential(name: str) -> None:
+    # Without it internal-only methods (audit ingest) refuse this component's calls. Not optional:
+    # a missing Secret stops the pod instead of starting one whose audit events never arrive.
+    assert env_value(containers(deployment(name))[0], "MEDMESH_INTERNAL_TOKEN") == MESH_CREDENTIAL
+
+
+def test_only_python_components_hold_the_mesh_credential() -> None:
+    for name in set(DEPLOYMENTS) - set(PYTHON_DEPLOYMENTS):
+        assert "medmesh-internal" not in str(deployment(name)["spec"]), f"{name} needs no mesh credential"
+
+
+def test_identity_reads_its_first_admin_from_an_optional_secret() -> None:
+    identity = deployment("identity")
+    path = env_value(containers(identity)[0], "MEDMESH_BOOTSTRAP_ADMIN_FILE")
+    assert path == "/etc/medmesh/bootstrap/admin.json"
+    volume, key = mounted_file(identity, path)
+    # Optional: identity must start without it once the Secret has been deleted.
+    assert volume["secret"] == {
+        "secretName": "identity-bootstrap-admin",
+        "optional": True,
+        "defaultMode": 0o440,
+        "items": [{"key": "admin.json", "path": "admin.json"}],
+    }
+    assert key == "admin.json"
+    for name in set(DEPLOYMENTS) - {"identity"}:
+        assert "identity-bootstrap-admin" not in str(deployment(name)["spec"])
+
+
+def envoy_files(node: Any) -> Iterator[str]:
+    """Every file path the Envoy bootstrap reads (certificates, keys, CAs, descriptor set)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in {"filename", "proto_descriptor"} and isinstance(value, str):
+                yield value
+            else:
+                yield from envoy_files(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from envoy_files(item)
+
+
+def test_gateway_mounts_every_file_its_envoy_config_reads() -> None:
+    gateway = deployment("gateway")
+    [envoy] = load_all(BASE / "envoy.yaml")
+    files = set(envoy_files(envoy))
+    # The JWKS fetch goes through the gateway's own listener and trusts only this CA.
+    assert {"/etc/medmesh/tls/tls.crt", "/etc/medmesh/tls/tls.key", "/etc/medmesh/tls/ca.crt"} <= files
+    for path in files:
+        volume, key = mounted_file(gateway, path)
+        if path.startswith("/etc/medmesh/tls/"):
+            assert volume["secret"]["secretName"] == "gateway-tls"
+            assert key == PurePosixPath(path).name, "listed, so a Secret without it fails at mount"
+    [jwks] = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "jwks"]
+    [endpoint] = [e["endpoint"] for g in jwks["load_assignment"]["endpoints"] for e in g["lb_endpoints"]]
+    assert endpoint["address"]["socket_address"]["port_value"] == container_ports(gateway)["https"]
 
 
 # --- Services ----------------------------------------------------------------------------------
@@ -338,7 +468,7 @@ def test_peer_addresses_match_the_services() -> None:
 
 def test_grpc_services_are_internal_and_edges_are_load_balanced() -> None:
     services = by_name("Service")
-    for name in ("organization", "device"):
+    for name in GRPC_SERVICES:
         assert services[name]["spec"].get("type", "ClusterIP") == "ClusterIP"
     adapter = services["mqtt-adapter"]["spec"]
     assert adapter["type"] == "LoadBalancer"
@@ -394,6 +524,40 @@ def test_ingress_is_denied_by_default() -> None:
     assert deny, "no default-deny ingress policy"
 
 
+def gateway_upstreams() -> set[str]:
+    """The Services the gateway's Envoy routes to (clusters addressed by a Service name)."""
+    [envoy] = load_all(BASE / "envoy.yaml")
+    services = by_name("Service")
+    hosts = {
+        e["endpoint"]["address"]["socket_address"]["address"]
+        for c in envoy["static_resources"]["clusters"]
+        for g in c["load_assignment"]["endpoints"]
+        for e in g["lb_endpoints"]
+    }
+    return hosts & set(services)
+
+
+def grpc_port(name: str) -> int:
+    return DEFAULT_GRPC_PORTS[name.replace("-", "_")]
+
+
+# The two edges' public ports: open to anyone, so to the pods in the namespace as well.
+PUBLIC_PORTS = {("gateway", 8443), ("mqtt-adapter", 8883)}
+SOURCES: list[str | None] = [None, *DEPLOYMENTS]  # None: outside the namespace
+
+
+def allowed_flows() -> set[tuple[str | None, str, int]]:
+    """Every (source, target, port) ingress the platform needs, and nothing else."""
+    flows = {(source, target, port) for source in SOURCES for target, port in PUBLIC_PORTS}
+    flows |= {("gateway", name, grpc_port(name)) for name in gateway_upstreams()}
+    flows |= {(caller, callee, grpc_port(callee)) for caller, callees in CALLS.items() for callee in callees}
+    return flows
+
+
+def test_the_gateway_routes_to_every_grpc_service() -> None:
+    assert gateway_upstreams() == set(GRPC_SERVICES)
+
+
 @pytest.mark.parametrize(
     ("source", "target", "port"),
     [
@@ -401,11 +565,20 @@ def test_ingress_is_denied_by_default() -> None:
         (None, "mqtt-adapter", 8883),
         ("gateway", "organization", 50051),
         ("gateway", "device", 50052),
+        ("gateway", "identity", 50053),
+        ("gateway", "patient", 50054),
+        ("gateway", "audit", 50055),
         ("device", "organization", 50051),
+        ("patient", "organization", 50051),
+        ("identity", "organization", 50051),
+        ("identity", "patient", 50054),
         ("mqtt-adapter", "device", 50052),
+        *[(caller, "identity", 50053) for caller in ("organization", "device", "patient", "audit")],
+        *[(caller, "audit", 50055) for caller in ("organization", "device", "patient", "identity")],
     ],
 )
 def test_intended_flows_are_allowed(source: str | None, target: str, port: int) -> None:
+    assert (source, target, port) in allowed_flows()
     assert ingress_allowed(labels_of(source) if source else EXTERNAL, target, port)
 
 
@@ -414,15 +587,40 @@ def test_intended_flows_are_allowed(source: str | None, target: str, port: int) 
     [
         (None, "organization", 50051),
         (None, "device", 50052),
+        (None, "identity", 50053),
+        (None, "patient", 50054),
+        (None, "audit", 50055),
         (None, "mqtt-adapter", 50060),
         (None, "gateway", 9901),
         ("mqtt-adapter", "organization", 50051),
+        ("mqtt-adapter", "identity", 50053),
+        ("mqtt-adapter", "patient", 50054),
+        ("mqtt-adapter", "audit", 50055),
         ("organization", "device", 50052),
+        ("organization", "patient", 50054),
+        ("patient", "device", 50052),
+        ("device", "patient", 50054),
+        ("audit", "patient", 50054),
+        ("audit", "organization", 50051),
+        ("identity", "device", 50052),
         ("gateway", "mqtt-adapter", 50060),
     ],
 )
 def test_other_flows_are_denied(source: str | None, target: str, port: int) -> None:
-    assert not ingress_allowed(labels_of(source) if source else EXTERNAL, target, port)
+    assert ingress_allowed(labels_of(source) if source else EXTERNAL, target, port) is False
+
+
+def test_exactly_the_intended_flows_are_allowed() -> None:
+    admitted = {
+        (source, target, port)
+        for source in SOURCES
+        for target in DEPLOYMENTS
+        for port in set(container_ports(deployment(target)).values()) | {9901}
+        if ingress_allowed(labels_of(source) if source else EXTERNAL, target, port)
+    }
+    intended = allowed_flows()
+    assert admitted - intended == set(), "admitted but not intended"
+    assert intended - admitted == set(), "intended but not admitted"
 
 
 # --- overlays ----------------------------------------------------------------------------------
@@ -452,6 +650,17 @@ def test_two_zones_runs_three_edges_one_per_node() -> None:
         assert selects(terms[0]["labelSelector"], labels_of(name))
         [hpa] = [p for p in patches if p.get("kind") == "HorizontalPodAutoscaler" and p["metadata"]["name"] == name]
         assert hpa["spec"]["minReplicas"] == 3
+
+
+def test_two_zones_prefers_distinct_nodes_for_every_service() -> None:
+    patches = overlay_patches("two-zones")
+    for name in set(DEPLOYMENTS) - set(EDGES):
+        [dep] = [p for p in patches if p.get("kind") == "Deployment" and p["metadata"]["name"] == name]
+        terms = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert [t["podAffinityTerm"]["topologyKey"] for t in terms] == [HOSTNAME]
+        assert selects(terms[0]["podAffinityTerm"]["labelSelector"], labels_of(name))
 
 
 def test_dev_has_one_replica_and_no_autoscaling() -> None:
