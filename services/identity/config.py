@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from medmesh.runtime.auth import manufacturer_organization_id
+
 ORGANIZATION_PREFIX = "organizations/"
 
 
@@ -33,11 +35,8 @@ class IdentitySettings:
 
     @classmethod
     def from_env(cls) -> IdentitySettings:
-        manufacturer = _env("MEDMESH_MANUFACTURER_ORGANIZATION", "manufacturer")
-        if not manufacturer.startswith(ORGANIZATION_PREFIX):
-            manufacturer = ORGANIZATION_PREFIX + manufacturer
         return cls(
-            manufacturer_organization=manufacturer,
+            manufacturer_organization=ORGANIZATION_PREFIX + manufacturer_organization_id(),
             access_token_ttl=_seconds("MEDMESH_ACCESS_TOKEN_TTL_SECONDS", 900),
             refresh_token_ttl=_seconds("MEDMESH_REFRESH_TOKEN_TTL_SECONDS", 30 * 86400),
             jwks_publish_lead=_seconds("MEDMESH_JWKS_PUBLISH_LEAD_SECONDS", 120),
