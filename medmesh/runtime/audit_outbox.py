@@ -83,7 +83,7 @@ def parse_event_name(name: str, field: str = "name") -> tuple[str, str]:
 
 def check_event(event: AuditEvent) -> None:
     """Raises ValueError for an event the audit service could never name: a bug of the emitting service."""
-    if not _ORGANIZATION.match(event.organization):
+    if not _ORGANIZATION.match(event.organization) or event.organization == "organizations/-":
         raise ValueError(
             f"audit event {event.id!r}: organization must be organizations/{{id}}, got {event.organization!r}"
         )
@@ -281,7 +281,7 @@ class OutboxAuditTrail:
                 await self._deliver_pending()
             except Exception as error:  # any failure is an outage to wait out; the loop must live on
                 backoff = min(self._max_backoff, max(self._min_backoff, backoff * 2))
-                self._failing(error, backoff)
+                self._failing(error)
                 # Records made meanwhile do not cut the backoff short: they would hammer a peer that is down.
                 await asyncio.sleep(backoff)
                 continue
@@ -297,7 +297,7 @@ class OutboxAuditTrail:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
 
-    def _failing(self, error: Exception, backoff: float) -> None:
+    def _failing(self, error: Exception) -> None:
         self._failed_attempts += 1
         if self._failed_attempts > 1:
             return  # logged once per outage, not per attempt

@@ -80,7 +80,13 @@ def peer_channel(service: str, address: str | None = None, *, caller: str = "") 
     return grpc.aio.insecure_channel(
         target,
         interceptors=[*aio_client_interceptors(), CallerCredentials(caller, internal_token_from_env())],
-        options=[("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)],
+        options=[
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            # gRPC's default reconnect backoff grows to 120 s: a peer back from an outage would
+            # wait that long for its callers (for example queued audit events) to notice.
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ],
     )
 
 

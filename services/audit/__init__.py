@@ -1,0 +1,1 @@
+"""The audit service: the append-only record of who did what to which resource, PHI reads included."""
