@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import jwt
 import protovalidate
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2
 from grpc_status import rpc_status
@@ -20,6 +23,8 @@ from pymongo.errors import ConnectionFailure
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.organization.v1 import organization_service_pb2 as organization_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as organization_pb_grpc
+from medmesh.runtime.audit import RecordingAuditTrail
+from medmesh.runtime.auth import Authenticator, TokenVerifier
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -427,20 +432,109 @@ class BrokenRepository(InMemoryRepository[Organization]):
         return await super().get(resource_id)
 
 
+class StaticKeys:
+    """A key source holding one key pair's public half, as the JWKS would."""
+
+    def __init__(self) -> None:
+        self.private = ec.generate_private_key(ec.SECP256R1())
+
+    async def public_key(self, kid: str) -> Any | None:
+        return self.private.public_key() if kid == "k1" else None
+
+    def token(self, **claims: Any) -> str:
+        at = int(time.time())
+        body = {"iss": "medmesh", "aud": "medmesh", "iat": at, "exp": at + 60, **claims}
+        return jwt.encode(body, self.private, algorithm="ES256", headers={"kid": "k1"})
+
+
+ADMIN_CLAIMS = {
+    "sub": "organizations/manufacturer/users/admin",
+    "org": "organizations/manufacturer",
+    "role": "platform_admin",
+}
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = [*(details.metadata or ())]
+        if self.token:
+            metadata.append(("authorization", f"Bearer {self.token}"))
+        forwarded = grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+        return await continuation(forwarded, request)
+
+
 @pytest.fixture
-async def organization_stub() -> AsyncIterator[tuple[Any, BrokenRepository]]:
+async def organization_server() -> AsyncIterator[tuple[int, BrokenRepository, StaticKeys]]:
+    """The organization servicer behind the shared interceptor, authenticating with a test key."""
     store = BrokenRepository("organization")
-    server = grpc.aio.server(interceptors=[RequestInterceptor("organization.medmesh")])
+    keys = StaticKeys()
+    authenticator = Authenticator(TokenVerifier(keys), public_methods=frozenset())
+    server = grpc.aio.server(interceptors=[RequestInterceptor("organization.medmesh", authenticator)])
+    service = OrganizationService(store, RecordingAuditTrail(), "manufacturer")
     organization_pb_grpc.add_OrganizationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        organization_servicer.OrganizationServicer(OrganizationService(store)), server
+        organization_servicer.OrganizationServicer(service), server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield organization_pb_grpc.OrganizationServiceStub(channel), store  # type: ignore[no-untyped-call]
+        yield port, store, keys
     finally:
         await server.stop(grace=None)
+
+
+@pytest.fixture
+async def organization_stub(
+    organization_server: tuple[int, BrokenRepository, StaticKeys],
+) -> AsyncIterator[tuple[Any, BrokenRepository]]:
+    port, store, keys = organization_server
+    interceptors = [BearerToken(keys.token(**ADMIN_CLAIMS))]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=interceptors) as channel:
+        yield organization_pb_grpc.OrganizationServiceStub(channel), store  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        ("", "CREDENTIALS_MISSING"),
+        ("not-a-jwt", "TOKEN_INVALID"),
+        ("expired", "TOKEN_EXPIRED"),
+        ("unknown-kid", "TOKEN_KEY_UNKNOWN"),
+    ],
+)
+async def test_interceptor_authenticates_before_validating(
+    organization_server: tuple[int, BrokenRepository, StaticKeys], token: str, reason: str
+) -> None:
+    port, _, keys = organization_server
+    if token == "expired":
+        token = keys.token(**ADMIN_CLAIMS, exp=int(time.time()) - 600)
+    elif token == "unknown-kid":
+        token = jwt.encode({**ADMIN_CLAIMS}, keys.private, algorithm="ES256", headers={"kid": "k2"})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=[BearerToken(token)]) as channel:
+        stub = organization_pb_grpc.OrganizationServiceStub(channel)  # type: ignore[no-untyped-call]
+        # An invalid request: without valid credentials it is UNAUTHENTICATED, not INVALID_ARGUMENT.
+        code, infos, _ = await call_status(stub.GetOrganization(organization_pb.GetOrganizationRequest(name="x")))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert [i.reason for i in infos] == [reason]
+
+
+async def test_handlers_see_the_callers_principal(
+    organization_server: tuple[int, BrokenRepository, StaticKeys],
+) -> None:
+    port, _, keys = organization_server
+    clinician = {"sub": "organizations/a/users/c", "org": "organizations/a", "role": "clinician"}
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", interceptors=[BearerToken(keys.token(**clinician))]
+    ) as channel:
+        stub = organization_pb_grpc.OrganizationServiceStub(channel)  # type: ignore[no-untyped-call]
+        request = organization_pb.GetOrganizationRequest(name="organizations/b")
+        code, infos, _ = await call_status(stub.GetOrganization(request))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert [i.reason for i in infos] == ["ORGANIZATION_ACCESS_DENIED"]
 
 
 async def call_status(call: Any) -> tuple[grpc.StatusCode, *Details]:
