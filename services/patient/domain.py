@@ -167,9 +167,9 @@ def new_patient(organization: str, details: PatientDetails, at: datetime, patien
 def parse_parent(parent: str, field: str = "parent", *, allow_all: bool = False) -> str:
     """`organizations/{id}` (or `organizations/-` when `allow_all`) -> the same, checked."""
     organization_id = parent.removeprefix(ORGANIZATION_PREFIX)
-    if parent.startswith(ORGANIZATION_PREFIX) and (
-        ID_PATTERN.match(organization_id) or (allow_all and organization_id == "-")
-    ):
+    # `-` fits the id pattern but is the AIP-159 wildcard, never an organization.
+    wildcard_allowed = organization_id != "-" or allow_all
+    if parent.startswith(ORGANIZATION_PREFIX) and ID_PATTERN.match(organization_id) and wildcard_allowed:
         return parent
     raise InvalidArgument.for_field(
         field, f"must look like organizations/{{organization}}, got {parent!r}", reason="INVALID_NAME"
@@ -209,7 +209,7 @@ def require_birth_date(parts: DateParts, at: datetime, field: str = "patient.bir
 def require_contact(contact: Contact, field: str = "patient.contact") -> Contact:
     contact = Contact(contact.email.strip(), contact.phone.strip(), contact.address.strip())
     if contact.email and not EMAIL_PATTERN.match(contact.email):
-        raise InvalidArgument.for_field(f"{field}.email", "must look like an e-mail address (name@example.org)")
+        raise InvalidArgument.for_field(f"{field}.email", "must look like an e-mail address")
     return contact
 
 
