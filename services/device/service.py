@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Principal, Role, current_principal
-from medmesh.runtime.errors import FailedPrecondition, FieldViolation, NotFound, PermissionDenied
+from medmesh.runtime.errors import AlreadyExists, FailedPrecondition, FieldViolation, NotFound, PermissionDenied
 from medmesh.runtime.filtering import Condition, Converter
 from medmesh.runtime.resources import (
     ResourceStore,
@@ -91,7 +91,14 @@ class DeviceService:
             create_time=at,
             update_time=at,
         )
-        await self._store.insert(device)
+        try:
+            await self._store.insert(device)
+        except AlreadyExists:
+            # Saying "exists" about another organization's device would reveal it.
+            existing = await self._store.get(serial)
+            if not principal.sees_every_organization and (existing is None or existing.organization != organization):
+                raise _denied(principal, device.name) from None
+            raise
         await audit(self._audit, organization, device.name)
         return device
 

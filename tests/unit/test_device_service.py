@@ -1,16 +1,27 @@
-"""DeviceService use cases against in-memory fakes; the gRPC organization directory against a local server."""
+"""DeviceService use cases against in-memory fakes; the gRPC organization directory against a local server.
+
+The use-case tests act as a platform admin (see `_as_platform_admin`); who may do what is in
+test_device_access.py.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from typing import Any
 
 import grpc
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import field_mask_pb2
 
 from medmesh.device.v1 import device_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as organization_pb_grpc
+from medmesh.runtime.audit import AuditActor, RecordingAuditTrail
+from medmesh.runtime.auth import Authenticator, Principal, Role, TokenVerifier, acting_as, current_principal
+from medmesh.runtime.clients import peer_channel
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -26,13 +37,18 @@ from services.device.domain import Device, DeviceChanges
 from services.device.organizations import GrpcOrganizationDirectory
 from services.device.service import DeviceService
 from services.device.servicer import DeviceServicer
-from services.organization.domain import Organization
+from services.organization.domain import Organization, OrganizationKind
 from services.organization.service import OrganizationService
 from services.organization.servicer import OrganizationServicer
 from tests.unit.fakes import FakeOrganizationDirectory, InMemoryRepository
 
 ORG_A = "organizations/a"
 ORG_B = "organizations/b"
+PLATFORM_ADMIN = Principal(
+    subject="organizations/manufacturer/users/admin",
+    organization="organizations/manufacturer",
+    role=Role.PLATFORM_ADMIN,
+)
 
 
 class RacingRepository(InMemoryRepository[Device]):
@@ -43,6 +59,14 @@ class RacingRepository(InMemoryRepository[Device]):
         if current is not None:
             self.put(replace(current, model="written meanwhile", revision=current.revision + 1))
         return current
+
+
+@pytest.fixture(autouse=True)
+def _as_platform_admin() -> Iterator[None]:
+    # pytest-asyncio runs each test in a copy of the context the fixtures left, so the
+    # principal set here is the one the (async) test and the service see.
+    with acting_as(PLATFORM_ADMIN):
+        yield
 
 
 @pytest.fixture
@@ -56,8 +80,15 @@ def directory() -> FakeOrganizationDirectory:
 
 
 @pytest.fixture
-def service(store: InMemoryRepository[Device], directory: FakeOrganizationDirectory) -> DeviceService:
-    return DeviceService(store, directory)
+def trail() -> RecordingAuditTrail:
+    return RecordingAuditTrail("device")
+
+
+@pytest.fixture
+def service(
+    store: InMemoryRepository[Device], directory: FakeOrganizationDirectory, trail: RecordingAuditTrail
+) -> DeviceService:
+    return DeviceService(store, directory, trail)
 
 
 def a_device(serial: str, organization: str = ORG_A) -> Device:
@@ -81,6 +112,11 @@ async def all_pages(service: DeviceService, filter_text: str, page_size: int) ->
         if not token:
             return pages
         assert len(pages) < 100, "paging does not terminate"
+
+
+async def test_the_fixture_principal_reaches_the_test() -> None:
+    # Everything below relies on it; without it every call would be UNAUTHENTICATED.
+    assert current_principal() == PLATFORM_ADMIN
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -142,7 +178,7 @@ async def test_create_for_an_organization_that_does_not_exist_is_failed_precondi
 
 
 async def test_create_when_the_organization_directory_is_unavailable(store: InMemoryRepository[Device]) -> None:
-    service = DeviceService(store, FakeOrganizationDirectory({ORG_A}, unavailable=True))
+    service = DeviceService(store, FakeOrganizationDirectory({ORG_A}, unavailable=True), RecordingAuditTrail())
 
     with pytest.raises(Unavailable) as caught:
         await service.create("SN-1", ORG_A, "", "")
@@ -393,7 +429,9 @@ async def test_update_that_loses_a_race_is_aborted(directory: FakeOrganizationDi
     store.put(a_device("SN-1"))
 
     with pytest.raises(Aborted):
-        await DeviceService(store, directory).update("devices/SN-1", DeviceChanges(model="mine"), ["model"], "")
+        await DeviceService(store, directory, RecordingAuditTrail()).update(
+            "devices/SN-1", DeviceChanges(model="mine"), ["model"], ""
+        )
 
     assert store.items["SN-1"].model == "written meanwhile"
 
@@ -431,7 +469,7 @@ async def test_delete_that_loses_a_race_is_aborted(directory: FakeOrganizationDi
     store.put(a_device("SN-1"))
 
     with pytest.raises(Aborted):
-        await DeviceService(store, directory).delete("devices/SN-1", "")
+        await DeviceService(store, directory, RecordingAuditTrail()).delete("devices/SN-1", "")
 
     assert "SN-1" in store.items
 
@@ -440,6 +478,90 @@ async def test_delete_of_unknown_is_not_found(service: DeviceService) -> None:
     with pytest.raises(NotFound) as caught:
         await service.delete("devices/SN-404", "")
     assert caught.value.reason == "DEVICE_NOT_FOUND"
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+def admin_actor() -> AuditActor:
+    return AuditActor(PLATFORM_ADMIN.subject, PLATFORM_ADMIN.organization, "platform_admin")
+
+
+async def test_each_mutation_records_one_event_about_the_device_and_its_owner(
+    service: DeviceService, trail: RecordingAuditTrail
+) -> None:
+    method = "/medmesh.device.v1.DeviceService/CreateDevice"
+    with acting_as(PLATFORM_ADMIN, method, "203.0.113.9"):
+        created = await service.create("SN-1", ORG_A, "Bed 3", "PO-200")
+    assert len(trail.events) == 1
+    event = trail.events[0]
+    assert (event.organization, event.resource, event.actor) == (ORG_A, "devices/SN-1", admin_actor())
+    assert (event.method, event.source_ip, event.service) == (method.lstrip("/"), "203.0.113.9", "device")
+    assert (event.phi_fields_read, event.phi_fields_changed) == ((), ())  # a device holds no PHI
+
+    await service.update("devices/SN-1", DeviceChanges(model="PO-300"), ["model"], created.etag)
+    assert len(trail.events) == 2
+    assert (trail.events[1].organization, trail.events[1].resource) == (ORG_A, "devices/SN-1")
+    assert (trail.events[1].description, trail.events[1].actor) == ("changed model", admin_actor())
+
+    await service.delete("devices/SN-1", "")
+    assert len(trail.events) == 3
+    assert (trail.events[2].organization, trail.events[2].resource) == (ORG_A, "devices/SN-1")
+    assert trail.events[2].actor == admin_actor()
+    assert len({e.id for e in trail.events}) == 3
+
+
+async def test_a_move_is_recorded_once_under_the_new_owner(service: DeviceService, trail: RecordingAuditTrail) -> None:
+    await service.create("SN-1", ORG_A, "Bed 3", "PO-200")
+    trail.events.clear()
+
+    await service.update("devices/SN-1", DeviceChanges(organization=ORG_B, model="PO-300"), ["*"], "")
+
+    assert [(e.organization, e.resource) for e in trail.events] == [(ORG_B, "devices/SN-1")]
+    assert trail.events[0].description == "changed display_name, model, organization"
+
+
+async def test_reads_record_nothing(
+    service: DeviceService, store: InMemoryRepository[Device], trail: RecordingAuditTrail
+) -> None:
+    for i in range(5):
+        store.put(a_device(f"SN-{i}"))
+
+    await service.get("devices/SN-1")
+    await all_pages(service, "", 2)
+    await service.list_devices('model = "PO-200"', 10, "")
+    with pytest.raises(NotFound):
+        await service.get("devices/SN-404")
+
+    assert trail.events == []
+
+
+async def test_mutations_that_fail_record_nothing(
+    service: DeviceService, directory: FakeOrganizationDirectory, trail: RecordingAuditTrail
+) -> None:
+    created = await service.create("SN-1", ORG_A, "Bed 3", "PO-200")
+    await service.update("devices/SN-1", DeviceChanges(model="PO-300"), ["model"], "")
+    trail.events.clear()
+
+    with pytest.raises(AlreadyExists):
+        await service.create("SN-1", ORG_A, "", "")
+    with pytest.raises(FailedPrecondition):
+        await service.create("SN-2", "organizations/ghost", "", "")
+    with pytest.raises(Aborted):
+        await service.update("devices/SN-1", DeviceChanges(model="stale"), ["model"], created.etag)
+    with pytest.raises(FailedPrecondition):
+        await service.update("devices/SN-1", DeviceChanges(organization="organizations/ghost"), ["organization"], "")
+    with pytest.raises(NotFound):
+        await service.update("devices/SN-404", DeviceChanges(model="x"), ["model"], "")
+    with pytest.raises(Aborted):
+        await service.delete("devices/SN-1", created.etag)
+    with pytest.raises(NotFound):
+        await service.delete("devices/SN-404", "")
+    directory.unavailable = True
+    with pytest.raises(Unavailable):
+        await service.create("SN-3", ORG_A, "", "")
+
+    assert trail.events == []
 
 
 # --- servicer: protobuf <-> domain ----------------------------------------------------------------
@@ -470,14 +592,49 @@ async def test_servicer_create_update_and_list(service: DeviceService) -> None:
 
 
 # --- the real directory, over gRPC to an in-process organization service --------------------------
+#
+# The organization service authorizes every call, so the server here verifies access tokens, and
+# the directory's channel is a mesh channel (`peer_channel`), which forwards the bearer token of
+# the call being served: the organization service answers for the device service's caller.
+
+KEY_ID = "unit-test-key"
+SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+class StaticKeys:
+    """The identity service's published keys, as the verifier sees them."""
+
+    async def public_key(self, kid: str) -> Any | None:
+        return SIGNING_KEY.public_key() if kid == KEY_ID else None
+
+
+def with_token(principal: Principal) -> Principal:
+    """`principal` carrying a signed access token for it, as the request interceptor would set it."""
+    issued = int(time.time())
+    claims = {
+        "sub": principal.subject,
+        "org": principal.organization,
+        "role": str(principal.role),
+        "iss": "medmesh",
+        "aud": "medmesh",
+        "iat": issued,
+        "exp": issued + 300,
+    }
+    token = jwt.encode(claims, SIGNING_KEY, algorithm="ES256", headers={"kid": KEY_ID})
+    return replace(principal, token=token)
+
+
+OPERATOR_A = Principal("organizations/a/users/op", ORG_A, Role.OPERATOR)
 
 
 @pytest.fixture
 async def organization_server() -> AsyncIterator[tuple[str, InMemoryRepository[Organization]]]:
     store: InMemoryRepository[Organization] = InMemoryRepository("organization")
-    server = grpc.aio.server(interceptors=[RequestInterceptor("organization.medmesh")])
+    store.put(Organization("a", "Clinic A", OrganizationKind.CARE_PROVIDER, now(), now()))
+    authenticator = Authenticator(TokenVerifier(StaticKeys()))
+    server = grpc.aio.server(interceptors=[RequestInterceptor("organization.medmesh", authenticator)])
     organization_pb_grpc.add_OrganizationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        OrganizationServicer(OrganizationService(store)), server
+        OrganizationServicer(OrganizationService(store, RecordingAuditTrail(), "manufacturer")), server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -490,13 +647,49 @@ async def organization_server() -> AsyncIterator[tuple[str, InMemoryRepository[O
 async def test_grpc_directory_tells_existing_from_missing(
     organization_server: tuple[str, InMemoryRepository[Organization]],
 ) -> None:
-    address, store = organization_server
-    await OrganizationService(store).create("Clinic A", None, "a")
+    address, _ = organization_server
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with peer_channel("organization", address, caller="device") as channel:
         directory = GrpcOrganizationDirectory(channel)
-        assert await directory.exists(ORG_A) is True
-        assert await directory.exists("organizations/ghost") is False
+        with acting_as(with_token(PLATFORM_ADMIN)):
+            assert await directory.exists(ORG_A) is True
+            assert await directory.exists("organizations/ghost") is False
+
+
+async def test_grpc_directory_asks_with_the_callers_credentials(
+    organization_server: tuple[str, InMemoryRepository[Organization]],
+) -> None:
+    address, _ = organization_server
+
+    async with peer_channel("organization", address, caller="device") as channel:
+        directory = GrpcOrganizationDirectory(channel)
+        with acting_as(with_token(OPERATOR_A)):
+            assert await directory.exists(ORG_A) is True
+        # Refused for want of credentials: that must not read as "the organization does not exist".
+        with acting_as(PLATFORM_ADMIN), pytest.raises(Unavailable) as caught:
+            await directory.exists(ORG_A)
+
+    assert caught.value.reason == "ORGANIZATION_SERVICE_UNAVAILABLE"
+    assert "UNAUTHENTICATED" in caught.value.message
+
+
+async def test_an_operator_registers_a_device_through_the_real_directory(
+    organization_server: tuple[str, InMemoryRepository[Organization]], store: InMemoryRepository[Device]
+) -> None:
+    address, organizations = organization_server
+    trail = RecordingAuditTrail("device")
+
+    async with peer_channel("organization", address, caller="device") as channel:
+        service = DeviceService(store, GrpcOrganizationDirectory(channel), trail)
+        with acting_as(with_token(OPERATOR_A)):
+            created = await service.create("SN-1", ORG_A, "Bed 3", "PO-200")
+            del organizations.items["a"]  # the operator's organization is deleted meanwhile
+            with pytest.raises(FailedPrecondition) as caught:
+                await service.create("SN-2", ORG_A, "", "")
+
+    assert caught.value.reason == "ORGANIZATION_NOT_FOUND"
+    assert store.items == {"SN-1": created}
+    assert [(e.resource, e.actor.subject) for e in trail.events] == [("devices/SN-1", OPERATOR_A.subject)]
 
 
 async def test_grpc_directory_that_cannot_reach_the_service_is_unavailable() -> None:

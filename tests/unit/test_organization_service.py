@@ -1,7 +1,12 @@
-"""OrganizationService use cases against an in-memory repository, plus the servicer's translation."""
+"""OrganizationService use cases against an in-memory repository, plus the servicer's translation.
+
+Every test here acts as a platform admin (see `_as_platform_admin`); who may do what is in
+test_organization_access.py.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC
 
@@ -9,7 +14,9 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from medmesh.organization.v1 import organization_service_pb2 as pb
-from medmesh.runtime.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, NotFound
+from medmesh.runtime.audit import AuditActor, Outcome, RecordingAuditTrail
+from medmesh.runtime.auth import Principal, Role, acting_as, current_principal
+from medmesh.runtime.errors import Aborted, AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from medmesh.runtime.resources import now
 from services.organization.domain import ID_PATTERN, Organization, OrganizationChanges, OrganizationKind
 from services.organization.service import OrganizationService
@@ -18,6 +25,12 @@ from tests.unit.fakes import InMemoryRepository
 
 MANUFACTURER = OrganizationKind.MANUFACTURER
 CARE_PROVIDER = OrganizationKind.CARE_PROVIDER
+MANUFACTURER_ID = "manufacturer"
+PLATFORM_ADMIN = Principal(
+    subject="organizations/manufacturer/users/admin",
+    organization="organizations/manufacturer",
+    role=Role.PLATFORM_ADMIN,
+)
 
 
 class RacingRepository(InMemoryRepository[Organization]):
@@ -30,19 +43,32 @@ class RacingRepository(InMemoryRepository[Organization]):
         return current
 
 
+@pytest.fixture(autouse=True)
+def _as_platform_admin() -> Iterator[None]:
+    # pytest-asyncio runs each test in a copy of the context the fixtures left, so the
+    # principal set here is the one the (async) test and the service see.
+    with acting_as(PLATFORM_ADMIN):
+        yield
+
+
 @pytest.fixture
 def store() -> InMemoryRepository[Organization]:
     return InMemoryRepository("organization")
 
 
 @pytest.fixture
-def service(store: InMemoryRepository[Organization]) -> OrganizationService:
-    return OrganizationService(store)
+def trail() -> RecordingAuditTrail:
+    return RecordingAuditTrail("organization")
 
 
-def an_organization(organization_id: str) -> Organization:
+@pytest.fixture
+def service(store: InMemoryRepository[Organization], trail: RecordingAuditTrail) -> OrganizationService:
+    return OrganizationService(store, trail, MANUFACTURER_ID)
+
+
+def an_organization(organization_id: str, kind: OrganizationKind = CARE_PROVIDER) -> Organization:
     at = now()
-    return Organization(organization_id, "Acme", MANUFACTURER, at, at)
+    return Organization(organization_id, "Acme", kind, at, at)
 
 
 def only_violation(error: DomainError) -> tuple[str, str]:
@@ -66,6 +92,90 @@ async def all_pages(service: OrganizationService, filter_text: str, page_size: i
         if not token:
             return pages
         assert len(pages) < 100, "paging does not terminate"
+
+
+async def test_the_fixture_principal_reaches_the_test() -> None:
+    # Everything below relies on it; without it every call would be UNAUTHENTICATED.
+    assert current_principal() == PLATFORM_ADMIN
+
+
+# --- the manufacturer -------------------------------------------------------------------------------
+
+
+async def test_ensure_manufacturer_creates_the_one_manufacturer(
+    service: OrganizationService, store: InMemoryRepository[Organization], trail: RecordingAuditTrail
+) -> None:
+    with acting_as(None):  # runs at start-up, outside any call
+        await service.ensure_manufacturer("Acme Devices")
+
+    manufacturer = store.items[MANUFACTURER_ID]
+    assert (manufacturer.name, manufacturer.display_name, manufacturer.kind) == (
+        "organizations/manufacturer",
+        "Acme Devices",
+        MANUFACTURER,
+    )
+    assert manufacturer.revision == 1
+    assert manufacturer.create_time == manufacturer.update_time
+    assert list(store.items) == [MANUFACTURER_ID]
+    assert trail.events == []
+
+
+async def test_ensure_manufacturer_is_idempotent(
+    service: OrganizationService, store: InMemoryRepository[Organization]
+) -> None:
+    await service.ensure_manufacturer("Acme Devices")
+    first = store.items[MANUFACTURER_ID]
+
+    await service.ensure_manufacturer("Another name")  # a restart, or another instance
+
+    assert store.items == {MANUFACTURER_ID: first}
+
+
+async def test_ensure_manufacturer_that_loses_the_race_to_insert_is_quiet() -> None:
+    class LateRepository(InMemoryRepository[Organization]):
+        """Another instance inserts between this one's get and insert."""
+
+        async def get(self, resource_id: str) -> Organization | None:
+            return None
+
+    store = LateRepository("organization")
+    theirs = replace(an_organization(MANUFACTURER_ID, MANUFACTURER), display_name="Theirs")
+    store.put(theirs)
+
+    await OrganizationService(store, RecordingAuditTrail(), MANUFACTURER_ID).ensure_manufacturer("Mine")
+
+    assert store.items == {MANUFACTURER_ID: theirs}
+
+
+async def test_create_refuses_a_second_manufacturer(
+    service: OrganizationService, store: InMemoryRepository[Organization], trail: RecordingAuditTrail
+) -> None:
+    await service.ensure_manufacturer("Acme Devices")
+    before = dict(store.items)
+
+    with pytest.raises(InvalidArgument) as caught:
+        await service.create("Impostor", MANUFACTURER, "impostor")
+
+    assert caught.value.reason == "KIND_NOT_ALLOWED"
+    assert only_violation(caught.value)[0] == "organization.kind"
+    assert store.items == before
+    assert trail.events == []
+
+
+async def test_the_manufacturer_cannot_be_deleted(
+    service: OrganizationService, store: InMemoryRepository[Organization], trail: RecordingAuditTrail
+) -> None:
+    await service.ensure_manufacturer("Acme Devices")
+    manufacturer = store.items[MANUFACTURER_ID]
+
+    for etag in ("", manufacturer.etag):
+        with pytest.raises(FailedPrecondition) as caught:
+            await service.delete("organizations/manufacturer", etag)
+        assert caught.value.reason == "MANUFACTURER_ORGANIZATION"
+        assert caught.value.metadata == {"organization": "organizations/manufacturer"}
+
+    assert store.items == {MANUFACTURER_ID: manufacturer}
+    assert trail.events == []
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -94,11 +204,11 @@ async def test_server_ids_are_unique(service: OrganizationService) -> None:
 
 
 async def test_create_with_explicit_id_and_kind(service: OrganizationService) -> None:
-    created = await service.create("  Acme Medical  ", MANUFACTURER, "acme")
+    created = await service.create("  Acme Medical  ", CARE_PROVIDER, "acme")
 
     assert created.id == "acme"
     assert created.name == "organizations/acme"
-    assert created.kind is MANUFACTURER
+    assert created.kind is CARE_PROVIDER
     assert created.display_name == "Acme Medical"
     assert await service.get("organizations/acme") == created
 
@@ -135,10 +245,10 @@ async def test_create_accepts_exactly_the_maximum_display_name(service: Organiza
 async def test_duplicate_create_is_already_exists(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    original = await service.create("Acme", MANUFACTURER, "acme")
+    original = await service.create("Acme", CARE_PROVIDER, "acme")
 
     with pytest.raises(AlreadyExists) as caught:
-        await service.create("Impostor", CARE_PROVIDER, "acme")
+        await service.create("Impostor", None, "acme")
 
     assert caught.value.reason == "ORGANIZATION_ALREADY_EXISTS"
     assert caught.value.metadata == {"organization": "acme"}
@@ -223,33 +333,41 @@ async def test_filter_by_display_name(service: OrganizationService) -> None:
 
 
 async def test_filter_by_kind_enum_name(service: OrganizationService) -> None:
-    await seed(service, ["m-1", "m-2"], MANUFACTURER)
-    await seed(service, ["c-1", "c-2", "c-3"], CARE_PROVIDER)
+    await seed(service, ["c-1", "c-2", "x-3"], CARE_PROVIDER)
+    await service.ensure_manufacturer("Acme Devices")
 
     manufacturers = await service.list_organizations("kind = KIND_MANUFACTURER", 10, "")
+    care_providers = await service.list_organizations("kind = KIND_CARE_PROVIDER", 10, "")
     others = await service.list_organizations("kind != KIND_MANUFACTURER", 10, "")
 
-    assert [o.id for o in manufacturers.organizations] == ["m-1", "m-2"]
-    assert [o.id for o in others.organizations] == ["c-1", "c-2", "c-3"]
+    assert [o.id for o in manufacturers.organizations] == [MANUFACTURER_ID]
+    assert [o.id for o in care_providers.organizations] == ["c-1", "c-2", "x-3"]
+    assert [o.id for o in others.organizations] == ["c-1", "c-2", "x-3"]
 
 
 async def test_filter_terms_are_anded(service: OrganizationService) -> None:
-    await service.create("Acme", MANUFACTURER, "acme")
+    await service.ensure_manufacturer("Acme")  # right name, wrong kind
     await service.create("Acme", CARE_PROVIDER, "acme-clinic")
-    await service.create("Other", MANUFACTURER, "other")
+    await service.create("Other", CARE_PROVIDER, "other")  # right kind, wrong name
 
-    page = await service.list_organizations('kind = KIND_MANUFACTURER AND display_name = "Acme"', 10, "")
+    page = await service.list_organizations('kind = KIND_CARE_PROVIDER AND display_name = "Acme"', 10, "")
 
-    assert [o.id for o in page.organizations] == ["acme"]
+    assert [o.id for o in page.organizations] == ["acme-clinic"]
 
 
-async def test_filtered_paging_skips_non_matching_items(service: OrganizationService) -> None:
+async def test_filtered_paging_skips_non_matching_items(
+    service: OrganizationService, store: InMemoryRepository[Organization]
+) -> None:
+    # Seeded in the repository: the service would refuse a second manufacturer, and what is
+    # under test is how a filter skips items across pages.
     for i in range(10):
-        await service.create(f"Org {i}", MANUFACTURER if i % 2 else CARE_PROVIDER, f"org-{i}")
+        store.put(an_organization(f"org-{i}", MANUFACTURER if i % 2 else CARE_PROVIDER))
 
-    pages = await all_pages(service, "kind = KIND_MANUFACTURER", 2)
+    manufacturers = await all_pages(service, "kind = KIND_MANUFACTURER", 2)
+    care_providers = await all_pages(service, "kind = KIND_CARE_PROVIDER", 2)
 
-    assert pages == [["org-1", "org-3"], ["org-5", "org-7"], ["org-9"]]
+    assert manufacturers == [["org-1", "org-3"], ["org-5", "org-7"], ["org-9"]]
+    assert care_providers == [["org-0", "org-2"], ["org-4", "org-6"], ["org-8"]]
 
 
 @pytest.mark.parametrize(
@@ -278,12 +396,12 @@ async def test_bad_filter_is_invalid_argument_on_filter(service: OrganizationSer
 
 
 async def test_page_token_cannot_be_reused_with_another_filter(service: OrganizationService) -> None:
-    await seed(service, ["a-1", "a-2", "a-3"], MANUFACTURER)
-    first = await service.list_organizations("kind = KIND_MANUFACTURER", 2, "")
+    await seed(service, ["a-1", "a-2", "a-3"], CARE_PROVIDER)
+    first = await service.list_organizations("kind = KIND_CARE_PROVIDER", 2, "")
     assert first.next_page_token
 
     with pytest.raises(InvalidArgument) as caught:
-        await service.list_organizations("kind = KIND_CARE_PROVIDER", 2, first.next_page_token)
+        await service.list_organizations("kind = KIND_MANUFACTURER", 2, first.next_page_token)
 
     assert caught.value.reason == "INVALID_PAGE_TOKEN"
     assert only_violation(caught.value)[0] == "page_token"
@@ -305,14 +423,15 @@ async def test_garbage_page_token_is_invalid(service: OrganizationService, token
 async def test_update_changes_only_masked_fields(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    before = await service.create("Acme", MANUFACTURER, "acme")
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
 
+    # A kind the organization may not have is no error while it is not in the mask.
     after = await service.update(
-        "organizations/acme", OrganizationChanges(display_name=" Acme GmbH ", kind=CARE_PROVIDER), ["display_name"], ""
+        "organizations/acme", OrganizationChanges(display_name=" Acme GmbH ", kind=MANUFACTURER), ["display_name"], ""
     )
 
     assert after.display_name == "Acme GmbH"
-    assert after.kind is MANUFACTURER  # not in the mask
+    assert after.kind is CARE_PROVIDER  # not in the mask
     assert after.revision == 2
     assert after.etag != before.etag
     assert after.create_time == before.create_time
@@ -321,17 +440,70 @@ async def test_update_changes_only_masked_fields(
 
 
 async def test_update_kind_only(service: OrganizationService) -> None:
-    await service.create("Acme", MANUFACTURER, "acme")
+    await service.create("Acme", CARE_PROVIDER, "acme")
 
     after = await service.update(
         "organizations/acme", OrganizationChanges(display_name="ignored", kind=CARE_PROVIDER), ["kind"], ""
     )
 
-    assert (after.display_name, after.kind) == ("Acme", CARE_PROVIDER)
+    assert (after.display_name, after.kind, after.revision) == ("Acme", CARE_PROVIDER, 2)
+
+
+async def test_the_manufacturer_keeps_its_kind_and_may_be_renamed(service: OrganizationService) -> None:
+    await service.ensure_manufacturer("Acme Devices")
+
+    after = await service.update(
+        "organizations/manufacturer", OrganizationChanges("Acme Medical Devices", MANUFACTURER), ["*"], ""
+    )
+
+    assert (after.display_name, after.kind, after.revision) == ("Acme Medical Devices", MANUFACTURER, 2)
+
+
+@pytest.mark.parametrize(
+    ("organization_id", "kind"),
+    [
+        ("acme", MANUFACTURER),  # a second manufacturer
+        (MANUFACTURER_ID, CARE_PROVIDER),  # no manufacturer at all
+        (MANUFACTURER_ID, None),
+    ],
+)
+async def test_update_cannot_make_or_unmake_the_manufacturer(
+    service: OrganizationService,
+    store: InMemoryRepository[Organization],
+    trail: RecordingAuditTrail,
+    organization_id: str,
+    kind: OrganizationKind | None,
+) -> None:
+    await service.ensure_manufacturer("Acme Devices")
+    await service.create("Acme", CARE_PROVIDER, "acme")
+    trail.events.clear()
+    before = dict(store.items)
+
+    for mask in (["kind"], ["*"]):
+        with pytest.raises(InvalidArgument) as caught:
+            await service.update(f"organizations/{organization_id}", OrganizationChanges("New", kind), mask, "")
+        assert caught.value.reason == "KIND_NOT_ALLOWED"
+        assert only_violation(caught.value)[0] == "organization.kind"
+
+    assert store.items == before
+    assert trail.events == []
+
+
+async def test_update_to_an_unspecified_kind_is_rejected(
+    service: OrganizationService, store: InMemoryRepository[Organization]
+) -> None:
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
+
+    with pytest.raises(InvalidArgument) as caught:
+        await service.update("organizations/acme", OrganizationChanges("Acme"), ["kind"], "")
+
+    assert caught.value.reason == "REQUIRED_FIELD"
+    assert only_violation(caught.value)[0] == "organization.kind"
+    assert store.items["acme"] == before
 
 
 async def test_update_star_changes_every_updatable_field(service: OrganizationService) -> None:
-    before = await service.create("Acme", MANUFACTURER, "acme")
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
 
     after = await service.update(
         "organizations/acme", OrganizationChanges(display_name="Clinic", kind=CARE_PROVIDER), ["*"], before.etag
@@ -343,7 +515,7 @@ async def test_update_star_changes_every_updatable_field(service: OrganizationSe
 async def test_update_with_empty_mask_is_rejected(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    before = await service.create("Acme", MANUFACTURER, "acme")
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
 
     with pytest.raises(InvalidArgument) as caught:
         await service.update("organizations/acme", OrganizationChanges(display_name="New"), [], "")
@@ -357,7 +529,7 @@ async def test_update_with_empty_mask_is_rejected(
 async def test_update_of_a_field_that_is_not_updatable_is_rejected(
     service: OrganizationService, store: InMemoryRepository[Organization], mask: list[str]
 ) -> None:
-    before = await service.create("Acme", MANUFACTURER, "acme")
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
 
     with pytest.raises(InvalidArgument) as caught:
         await service.update("organizations/acme", OrganizationChanges(display_name="New"), mask, "")
@@ -370,7 +542,7 @@ async def test_update_of_a_field_that_is_not_updatable_is_rejected(
 async def test_update_cannot_blank_the_display_name(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    before = await service.create("Acme", MANUFACTURER, "acme")
+    before = await service.create("Acme", CARE_PROVIDER, "acme")
 
     with pytest.raises(InvalidArgument) as caught:
         await service.update("organizations/acme", OrganizationChanges(display_name="  "), ["display_name"], "")
@@ -382,7 +554,7 @@ async def test_update_cannot_blank_the_display_name(
 async def test_update_with_the_current_etag_succeeds_and_a_stale_one_is_aborted(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    created = await service.create("Acme", MANUFACTURER, "acme")
+    created = await service.create("Acme", CARE_PROVIDER, "acme")
     updated = await service.update("organizations/acme", OrganizationChanges("Acme 2"), ["display_name"], created.etag)
 
     with pytest.raises(Aborted) as caught:
@@ -394,13 +566,15 @@ async def test_update_with_the_current_etag_succeeds_and_a_stale_one_is_aborted(
 
 async def test_update_that_loses_a_race_is_aborted() -> None:
     store = RacingRepository("organization")
-    service = OrganizationService(store)
+    trail = RecordingAuditTrail()
+    service = OrganizationService(store, trail, MANUFACTURER_ID)
     store.put(an_organization("acme"))
 
     with pytest.raises(Aborted):
         await service.update("organizations/acme", OrganizationChanges("Mine"), ["display_name"], "")
 
     assert store.items["acme"].display_name == "written meanwhile"
+    assert trail.events == []
 
 
 async def test_update_of_unknown_is_not_found(service: OrganizationService) -> None:
@@ -415,7 +589,7 @@ async def test_update_of_unknown_is_not_found(service: OrganizationService) -> N
 async def test_delete_with_the_right_etag(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    created = await service.create("Acme", MANUFACTURER, "acme")
+    created = await service.create("Acme", CARE_PROVIDER, "acme")
 
     await service.delete("organizations/acme", created.etag)
 
@@ -427,7 +601,7 @@ async def test_delete_with_the_right_etag(
 async def test_delete_without_etag_is_unconditional(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    await service.create("Acme", MANUFACTURER, "acme")
+    await service.create("Acme", CARE_PROVIDER, "acme")
     await service.delete("organizations/acme", "")
     assert store.items == {}
 
@@ -435,7 +609,7 @@ async def test_delete_without_etag_is_unconditional(
 async def test_delete_with_a_wrong_etag_is_aborted_and_keeps_the_resource(
     service: OrganizationService, store: InMemoryRepository[Organization]
 ) -> None:
-    created = await service.create("Acme", MANUFACTURER, "acme")
+    created = await service.create("Acme", CARE_PROVIDER, "acme")
     await service.update("organizations/acme", OrganizationChanges("Acme 2"), ["display_name"], "")
 
     for etag in (created.etag, "0123456789abcdef"):
@@ -448,18 +622,98 @@ async def test_delete_with_a_wrong_etag_is_aborted_and_keeps_the_resource(
 
 async def test_delete_that_loses_a_race_is_aborted() -> None:
     store = RacingRepository("organization")
+    trail = RecordingAuditTrail()
     store.put(an_organization("acme"))
 
     with pytest.raises(Aborted):
-        await OrganizationService(store).delete("organizations/acme", "")
+        await OrganizationService(store, trail, MANUFACTURER_ID).delete("organizations/acme", "")
 
     assert "acme" in store.items
+    assert trail.events == []
 
 
 async def test_delete_of_unknown_is_not_found(service: OrganizationService) -> None:
     with pytest.raises(NotFound) as caught:
         await service.delete("organizations/nobody", "")
     assert caught.value.reason == "ORGANIZATION_NOT_FOUND"
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+def admin_actor() -> AuditActor:
+    return AuditActor(PLATFORM_ADMIN.subject, PLATFORM_ADMIN.organization, "platform_admin")
+
+
+async def test_each_mutation_records_one_event_about_the_organization(
+    service: OrganizationService, trail: RecordingAuditTrail
+) -> None:
+    method = "/medmesh.organization.v1.OrganizationService/CreateOrganization"
+    with acting_as(PLATFORM_ADMIN, method, "198.51.100.7"):
+        created = await service.create("Clinic", None, "clinic")
+    assert len(trail.events) == 1
+    event = trail.events[0]
+    assert (event.organization, event.resource) == ("organizations/clinic", "organizations/clinic")
+    assert event.actor == admin_actor()
+    assert (event.method, event.source_ip) == (method.lstrip("/"), "198.51.100.7")
+    assert (event.service, event.outcome) == ("organization", Outcome.SUCCEEDED)
+    assert (event.phi_fields_read, event.phi_fields_changed) == ((), ())  # no PHI in organizations
+
+    await service.update("organizations/clinic", OrganizationChanges("Clinic 2"), ["display_name"], created.etag)
+    assert len(trail.events) == 2
+    assert (trail.events[1].organization, trail.events[1].resource) == ("organizations/clinic", "organizations/clinic")
+    assert trail.events[1].description == "changed display_name"
+    assert trail.events[1].actor == admin_actor()
+
+    await service.delete("organizations/clinic", "")
+    assert len(trail.events) == 3
+    assert (trail.events[2].organization, trail.events[2].resource) == ("organizations/clinic", "organizations/clinic")
+    assert trail.events[2].actor == admin_actor()
+    assert len({e.id for e in trail.events}) == 3
+
+
+async def test_the_update_event_names_every_field_in_the_mask(
+    service: OrganizationService, trail: RecordingAuditTrail
+) -> None:
+    await service.create("Clinic", None, "clinic")
+
+    await service.update("organizations/clinic", OrganizationChanges("Clinic 2", CARE_PROVIDER), ["*"], "")
+
+    assert trail.events[-1].description == "changed display_name, kind"
+
+
+async def test_reads_record_nothing(service: OrganizationService, trail: RecordingAuditTrail) -> None:
+    await seed(service, ["a-1", "a-2", "a-3"])
+    trail.events.clear()
+
+    await service.get("organizations/a-1")
+    await all_pages(service, "", 2)
+    await service.list_organizations("kind = KIND_CARE_PROVIDER", 10, "")
+    with pytest.raises(NotFound):
+        await service.get("organizations/nobody")
+
+    assert trail.events == []
+
+
+async def test_mutations_that_fail_record_nothing(service: OrganizationService, trail: RecordingAuditTrail) -> None:
+    created = await service.create("Clinic", None, "clinic")
+    await service.update("organizations/clinic", OrganizationChanges("Clinic 2"), ["display_name"], "")
+    trail.events.clear()
+
+    with pytest.raises(AlreadyExists):
+        await service.create("Again", None, "clinic")
+    with pytest.raises(InvalidArgument):
+        await service.create("", None, "other")
+    with pytest.raises(Aborted):
+        await service.update("organizations/clinic", OrganizationChanges("Stale"), ["display_name"], created.etag)
+    with pytest.raises(NotFound):
+        await service.update("organizations/nobody", OrganizationChanges("x"), ["display_name"], "")
+    with pytest.raises(Aborted):
+        await service.delete("organizations/clinic", created.etag)
+    with pytest.raises(NotFound):
+        await service.delete("organizations/nobody", "")
+
+    assert trail.events == []
 
 
 # --- servicer: protobuf <-> domain ----------------------------------------------------------------
@@ -483,10 +737,25 @@ async def test_servicer_create_maps_unspecified_kind_to_care_provider(servicer: 
     assert reply.etag
 
 
+async def test_servicer_create_refuses_kind_manufacturer(
+    servicer: OrganizationServicer, store: InMemoryRepository[Organization]
+) -> None:
+    request = pb.CreateOrganizationRequest(
+        organization=pb.Organization(display_name="Acme", kind=pb.Organization.KIND_MANUFACTURER),
+        organization_id="acme",
+    )
+
+    with pytest.raises(InvalidArgument) as caught:
+        await servicer.CreateOrganization(request, None)
+
+    assert caught.value.reason == "KIND_NOT_ALLOWED"
+    assert store.items == {}
+
+
 async def test_servicer_update_passes_mask_and_etag(servicer: OrganizationServicer) -> None:
     created = await servicer.CreateOrganization(
         pb.CreateOrganizationRequest(
-            organization=pb.Organization(display_name="Acme", kind=pb.Organization.KIND_MANUFACTURER),
+            organization=pb.Organization(display_name="Acme", kind=pb.Organization.KIND_CARE_PROVIDER),
             organization_id="acme",
         ),
         None,
@@ -495,15 +764,15 @@ async def test_servicer_update_passes_mask_and_etag(servicer: OrganizationServic
         organization=pb.Organization(
             name="organizations/acme",
             display_name="Renamed",
-            kind=pb.Organization.KIND_CARE_PROVIDER,
+            kind=pb.Organization.KIND_MANUFACTURER,  # outside the mask: neither applied nor refused
             etag=created.etag,
         ),
-        update_mask=field_mask_pb2.FieldMask(paths=["kind"]),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
     )
 
     reply = await servicer.UpdateOrganization(request, None)
 
-    assert (reply.display_name, reply.kind) == ("Acme", pb.Organization.KIND_CARE_PROVIDER)
+    assert (reply.display_name, reply.kind) == ("Renamed", pb.Organization.KIND_CARE_PROVIDER)
     assert reply.etag != created.etag
     with pytest.raises(Aborted):
         await servicer.UpdateOrganization(request, None)  # the same etag again is stale now
