@@ -284,7 +284,7 @@ async def test_close_delivers_what_is_left_and_a_restart_picks_up_the_rest(
     # The restarted process has a new channel (the old one waits out gRPC's reconnect backoff).
     fresh = peer_channel("audit", audit.address, caller="patient")
     try:
-        restarted = OutboxAuditTrail(service_database, "patient", fresh)
+        restarted = OutboxAuditTrail(service_database, "patient", fresh, close_timeout=15)
         await restarted.record(an_event(2))
         await restarted.close()  # never ran its loop: close alone flushes both
     finally:

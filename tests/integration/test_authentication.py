@@ -117,6 +117,9 @@ def test_envoy_refuses_bad_tokens_with_401(
 ) -> None:
     headers = {} if kind == "missing" else {"authorization": f"Bearer {forged[kind]}"}
     reply = anonymous_rest.get(path, headers=headers)
+    if kind == "wrong-audience":  # a valid token for someone else: Envoy says 403
+        assert (reply.status_code, reply.json()["code"]) == (403, 7), reply.text
+        return
     assert reply.status_code == 401, reply.text
     assert reply.json()["code"] == 16  # UNAUTHENTICATED
 
@@ -130,7 +133,8 @@ def test_grpc_through_envoy_refuses_bad_tokens(platform: Platform, forged: dict[
         org_grpc.OrganizationServiceStub(channel).ListOrganizations(
             org_pb.ListOrganizationsRequest(), timeout=10, metadata=metadata
         )
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    expected = grpc.StatusCode.PERMISSION_DENIED if kind == "wrong-audience" else grpc.StatusCode.UNAUTHENTICATED
+    assert refused.value.code() == expected
 
 
 @pytest.mark.parametrize("kind", KINDS)

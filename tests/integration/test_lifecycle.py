@@ -16,6 +16,18 @@ import pytest
 from medmesh.launcher.supervisor import pid_alive
 from tests.integration.platform import MEDMESH, Platform, new_platform
 
+COMPONENTS = (
+    "ferretdb",
+    "seaweedfs",
+    "identity",
+    "organization",
+    "patient",
+    "device",
+    "audit",
+    "mqtt_adapter",
+    "gateway",
+)
+
 
 def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> None:
     platform = new_platform(tmp_path / "state")
@@ -23,7 +35,7 @@ def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> N
     try:
         status = platform.cli("status")
         assert status.returncode == 0, status.stdout
-        for component in ("ferretdb", "seaweedfs", "organization", "device", "mqtt_adapter", "gateway"):
+        for component in COMPONENTS:
             assert f"{component}" in status.stdout
         assert "unhealthy" not in status.stdout
 
@@ -32,7 +44,8 @@ def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> N
         assert "already running" in again.stdout
 
         context = ssl.create_default_context(cafile=str(platform.ca))
-        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10) as rest:
+        admin = {"authorization": f"Bearer {platform.admin_token()}"}
+        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10, headers=admin) as rest:
             created = rest.post("/v1/organizations", json={"display_name": "Survives restarts"})
             assert created.status_code == 200
             name = created.json()["name"]
@@ -43,7 +56,9 @@ def test_up_status_down_up_keeps_data_and_leaves_no_process(tmp_path: Path) -> N
 
     platform.up()
     try:
-        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10) as rest:
+        # The admin, its password and the signing keys survived too: a new login works.
+        admin = {"authorization": f"Bearer {platform.admin_token()}"}
+        with httpx.Client(base_url=platform.gateway, verify=context, timeout=10, headers=admin) as rest:
             fetched = rest.get(f"/v1/{name}")
             assert fetched.status_code == 200
             assert fetched.json()["display_name"] == "Survives restarts"
@@ -60,7 +75,10 @@ def test_a_component_that_fails_to_start_is_named_with_its_log(tmp_path: Path) -
     result = platform.cli("up", "--detach", timeout=180)
     assert result.returncode == 1
     # The services start together; whichever is reported first is named, with its own log's tail.
-    failed = re.search(r"medmesh: (organization|device|mqtt_adapter) failed to start: not healthy", result.stdout)
+    failed = re.search(
+        r"medmesh: (identity|organization|patient|device|audit|mqtt_adapter) failed to start: not healthy",
+        result.stdout,
+    )
     assert failed, result.stdout
     assert f"--- last lines of {platform.state_dir / 'logs' / failed.group(1)}.log ---" in result.stdout
     assert "readiness check failed" in result.stdout
@@ -82,7 +100,9 @@ def test_a_busy_port_is_reported_before_anything_starts(tmp_path: Path, port_nam
     assert "already in use" in result.stdout
 
 
-def test_external_mongodb_and_s3_replace_the_embedded_ones(platform: Platform, tmp_path: Path) -> None:
+def test_external_mongodb_and_s3_replace_the_embedded_ones(
+    platform: Platform, tmp_path: Path, admin_token: str
+) -> None:
     """A second platform pointed at the first one's stores starts no FerretDB or SeaweedFS of its own."""
     credentials = platform.config.s3_credentials()
     second = new_platform(tmp_path / "state")
@@ -96,11 +116,14 @@ def test_external_mongodb_and_s3_replace_the_embedded_ones(platform: Platform, t
     try:
         status = json.loads((second.state_dir / "platform.json").read_text())
         names = [c["name"] for c in status["components"]]
-        assert names == ["organization", "device", "mqtt_adapter", "gateway"]
+        assert names == ["identity", "organization", "patient", "device", "audit", "mqtt_adapter", "gateway"]
         context = ssl.create_default_context(cafile=str(platform.ca))
+        # Same identity database, so the same users and signing keys: the first platform's token works.
+        admin = {"authorization": f"Bearer {admin_token}"}
+        second_context = ssl.create_default_context(cafile=str(second.ca))
         with (
-            httpx.Client(base_url=second.gateway, verify=ssl.create_default_context(cafile=str(second.ca))) as other,
-            httpx.Client(base_url=platform.gateway, verify=context) as first,
+            httpx.Client(base_url=second.gateway, verify=second_context, headers=admin) as other,
+            httpx.Client(base_url=platform.gateway, verify=context, headers=admin) as first,
         ):
             created = other.post("/v1/organizations", json={"display_name": "Written through the second platform"})
             assert created.status_code == 200

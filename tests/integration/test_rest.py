@@ -212,4 +212,4 @@ def test_tls13_client_is_accepted(platform: Platform) -> None:
     context = ssl.create_default_context(cafile=str(platform.ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     with httpx.Client(verify=context) as client:
-        assert client.get(f"{platform.gateway}/v1/organizations").status_code == 200
+        assert client.get(f"{platform.gateway}/.well-known/jwks.json").status_code == 200
