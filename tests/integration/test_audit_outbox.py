@@ -268,7 +268,7 @@ async def test_events_recorded_while_audit_is_down_are_delivered_exactly_once(
     assert await outbox.count_documents({}) == 0
 
 
-async def test_close_delivers_what_is_left_and_a_restart_picks_up_the_rest(
+async def test_a_restart_picks_up_what_a_crashed_process_left(
     mongo: Client, audit_channel: grpc.aio.Channel, audit_database: str, start_audit: AuditFactory
 ) -> None:
     service_database = mongo[f"medmesh_patient_{uuid.uuid4().hex[:8]}"]
@@ -283,18 +283,19 @@ async def test_close_delivers_what_is_left_and_a_restart_picks_up_the_rest(
     audit.wait_serving()
     # The restarted process has a new channel (the old one waits out gRPC's reconnect backoff).
     fresh = peer_channel("audit", audit.address, caller="patient")
+    restarted = OutboxAuditTrail(service_database, "patient", fresh)
+    loop = asyncio.create_task(restarted.run())
     try:
-        restarted = OutboxAuditTrail(service_database, "patient", fresh, close_timeout=15)
         await restarted.record(an_event(2))
-        await restarted.close()  # never ran its loop: close alone flushes both
+
+        async def both_delivered() -> bool:
+            return await stored.count_documents({}) == 2 and await outbox.count_documents({}) == 0
+
+        await until(both_delivered, 30, "the restarted process did not deliver the crashed one's event")
     finally:
+        await restarted.close()
+        await asyncio.wait_for(loop, 5)
         await fresh.close()
-
-    assert await outbox.count_documents({}) == 0
-    assert await stored.count_documents({}) == 2
-
-
-# --- ingest over gRPC ----------------------------------------------------------------------------
 
 
 async def test_ingest_is_idempotent_and_takes_only_the_mesh_credential(
