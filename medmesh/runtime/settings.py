@@ -12,6 +12,10 @@ DEFAULT_GRPC_PORTS: dict[str, int] = {
     "identity": 50053,
     "patient": 50054,
     "audit": 50055,
+    "observation": 50056,
+    "command": 50057,
+    "file": 50058,
+    "alert": 50059,
     "mqtt_adapter": 50060,
 }
 
