@@ -29,12 +29,15 @@ class DomainError(Exception):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         field_violations: Sequence[FieldViolation] = (),
+        retry_after_seconds: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
+        # Sent as google.rpc.RetryInfo: when the caller may try again.
+        self.retry_after_seconds = retry_after_seconds
 
 
 class InvalidArgument(DomainError):

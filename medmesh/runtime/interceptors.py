@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -22,9 +23,14 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
-    """The one mapping from a domain error to google.rpc.Status with exactly one ErrorInfo."""
+    """The one mapping from a domain error to google.rpc.Status with exactly one ErrorInfo
+    (plus BadRequest for bad fields and RetryInfo when the caller may retry later)."""
     status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message)
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata))
+    if error.retry_after_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromTimedelta(timedelta(seconds=error.retry_after_seconds))
+        status.details.add().Pack(retry)
     if error.field_violations:
         status.details.add().Pack(
             error_details_pb2.BadRequest(

@@ -51,6 +51,7 @@ async def check_login_throttle(failures: LoginFailureStore, username: str, at: d
             f"too many failed attempts for this username; retry in {wait} s",
             reason="LOGIN_THROTTLED",
             metadata={"retry_after_seconds": str(wait)},
+            retry_after_seconds=wait,
         )
 
 

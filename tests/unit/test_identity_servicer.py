@@ -12,6 +12,7 @@ import grpc
 import jwt
 import pytest
 from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from medmesh.identity.v1 import authentication_service_pb2 as auth_pb
@@ -146,6 +147,12 @@ async def test_wrong_credentials_and_throttling_over_grpc(served: Served) -> Non
         await admin_login(served)
     assert throttled.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error_info(throttled.value) == ("LOGIN_THROTTLED", {"retry_after_seconds": "30"})
+    status = rpc_status.from_call(throttled.value)
+    assert status is not None
+    (retry,) = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    info = error_details_pb2.RetryInfo()
+    retry.Unpack(info)
+    assert info.retry_delay.ToTimedelta().total_seconds() == 30
 
 
 async def test_identity_methods_need_a_token(served: Served) -> None:
