@@ -14,7 +14,7 @@ GEN_STAMP := build/proto/medmesh.binpb
 # `buf breaking` compares the protos with this git revision (skipped where it has no protos).
 BREAKING_AGAINST ?= main
 
-.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway bench-startup clean
+.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway bench-startup bench-auth clean
 
 help:
 	@echo "make up     - set up if needed, then start the platform (Ctrl-C stops it)"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - install everything the project needs (idempotent)"
 	@echo "make down / make status - stop or inspect a platform started with 'medmesh up --detach'"
 	@echo "make bench-startup - time a cold make setup and a warm make up (fresh clone, empty caches)"
+	@echo "make bench-auth - time login and authenticated, audited requests through the gateway"
 
 $(UV):
 	$(PYTHON) -m venv $(BOOTSTRAP)
@@ -80,3 +81,6 @@ k8s-gateway: setup
 
 clean:
 	rm -rf build $(VENV)
+
+bench-auth: setup
+	$(PY) tools/bench_auth.py
