@@ -37,7 +37,11 @@ def _endpoint_table(config: PlatformConfig, rows: list[tuple[str, str, str]]) ->
     lines = [f"  {name:<{width}}  {state:<9} {endpoint}" for name, state, endpoint in rows]
     ca = config.tls_dir / "ca.crt"
     lines.append("")
-    lines.append(f"  try: curl --cacert {ca} https://localhost:{config.port('gateway')}/v1/organizations")
+    lines.append(f"  admin: {config.admin_credentials_file} (first platform admin)")
+    lines.append(
+        f'  try: curl --cacert {ca} -H "Authorization: Bearer $(medmesh token)" '
+        f"https://localhost:{config.port('gateway')}/v1/organizations"
+    )
     return "\n".join(lines)
 
 
