@@ -10,12 +10,12 @@ from medmesh.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.auth import Authenticator, TokenSettings, TokenVerifier, internal_token_from_env
 from medmesh.runtime.clients import peer_channel
+from medmesh.runtime.directories import GrpcOrganizationDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from services.identity.authentication import AuthenticationService
 from services.identity.config import IdentitySettings
-from services.identity.organizations import GrpcOrganizationDirectory
 from services.identity.passwords import Passwords
 from services.identity.patients import GrpcPatientDirectory
 from services.identity.repository import (

@@ -53,10 +53,6 @@ class SigningKeyStore(Protocol):
     async def delete(self, kids: Sequence[str]) -> int: ...
 
 
-class OrganizationDirectory(Protocol):
-    async def exists(self, organization: str) -> bool: ...
-
-
 class PatientDirectory(Protocol):
     async def exists(self, patient: str) -> bool:
         """Whether the patient record exists (and the caller may see it)."""

@@ -12,6 +12,7 @@ from datetime import datetime
 
 from medmesh.runtime.audit import AuditTrail, Outcome, audit
 from medmesh.runtime.auth import ALL_ORGANIZATIONS, Principal, Role, current_principal
+from medmesh.runtime.directories import OrganizationDirectory, require_existing_organization
 from medmesh.runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -56,7 +57,6 @@ from services.identity.domain import (
 from services.identity.passwords import Passwords
 from services.identity.ports import (
     LoginFailureStore,
-    OrganizationDirectory,
     PatientDirectory,
     RefreshTokenStore,
     ServiceAccountKeyStore,
@@ -152,15 +152,6 @@ class IdentityService:
 
     # --- peers ----------------------------------------------------------------------------------
 
-    async def _require_organization(self, organization: str, field: str) -> None:
-        if not await self._organizations.exists(organization):
-            raise FailedPrecondition(
-                f"organization {organization!r} does not exist",
-                reason="ORGANIZATION_NOT_FOUND",
-                metadata={"organization": organization},
-                field_violations=[FieldViolation(field, "names an organization that does not exist")],
-            )
-
     async def _require_patient(self, patient: str, field: str) -> None:
         if not await self._patients.exists(patient):
             raise FailedPrecondition(
@@ -207,7 +198,7 @@ class IdentityService:
         display_name = require_display_name(display_name, "user.display_name")
         require_password(password, "password")
         name = f"{organization}/users/{child_id(user_id, 'user_id')}"
-        await self._require_organization(organization, "parent")
+        await require_existing_organization(self._organizations, organization, "parent")
         patient = await self._check_membership(role, patient, organization)
         if await self._users.get_by_username(username) is not None:
             raise _username_taken(username)
@@ -365,7 +356,7 @@ class IdentityService:
         check_role_in_organization(role, organization, self._settings.manufacturer_organization, "service_account.role")
         display_name = require_display_name(display_name, "service_account.display_name", required=True)
         name = f"{organization}/serviceAccounts/{child_id(service_account_id, 'service_account_id')}"
-        await self._require_organization(organization, "parent")
+        await require_existing_organization(self._organizations, organization, "parent")
         account = ServiceAccount(
             id=name, organization=organization, display_name=display_name, role=role, create_time=self._clock()
         )

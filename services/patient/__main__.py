@@ -8,10 +8,10 @@ import contextlib
 from medmesh.patient.v1 import patient_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcOrganizationDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
-from services.patient.organizations import GrpcOrganizationDirectory
 from services.patient.repository import PatientRepository
 from services.patient.service import PatientService
 from services.patient.servicer import PatientServicer

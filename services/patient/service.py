@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import ALL_ORGANIZATIONS, Principal, Role, current_principal
-from medmesh.runtime.errors import FailedPrecondition, FieldViolation, NotFound, PermissionDenied
+from medmesh.runtime.directories import OrganizationDirectory, require_existing_organization
+from medmesh.runtime.errors import NotFound, PermissionDenied
 from medmesh.runtime.filtering import Condition, Converter
 from medmesh.runtime.resources import (
     ResourceStore,
@@ -35,7 +36,6 @@ from services.patient.domain import (
     parse_parent,
     phi_fields_named,
 )
-from services.patient.organizations import OrganizationDirectory
 
 CREATE_ROLES = (Role.ORGANIZATION_ADMIN, Role.CLINICIAN)
 # A patient may read only their own record; checked on top of the role.
@@ -104,7 +104,7 @@ class PatientService:
         principal = current_principal()
         _authorize(principal, organization, organization, CREATE_ROLES, "create patients")
         patient = new_patient(organization, details, now())
-        await self._require_existing_organization(organization)
+        await require_existing_organization(self._organizations, organization, "parent")
         await self._store.insert(patient)
         shown = disclose(principal, patient)
         await self._audit(shown, changed=patient.phi_fields_with_values(), description="patient created")
@@ -177,15 +177,6 @@ class PatientService:
             name = f"{organization}/patients/{patient_id}"
             raise NotFound(f"patient {name!r} does not exist", reason="PATIENT_NOT_FOUND", metadata={"patient": name})
         return patient
-
-    async def _require_existing_organization(self, organization: str) -> None:
-        if not await self._organizations.exists(organization):
-            raise FailedPrecondition(
-                f"organization {organization!r} does not exist",
-                reason="ORGANIZATION_NOT_FOUND",
-                metadata={"organization": organization},
-                field_violations=[FieldViolation("parent", "names an organization that does not exist")],
-            )
 
     async def _audit_read(self, shown: DisclosedPatient) -> None:
         """One event per patient whose answer carried PHI; none when it was withheld or empty."""

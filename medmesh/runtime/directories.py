@@ -1,4 +1,9 @@
-"""The organization service as the patient service sees it: does the owner of a new patient exist?"""
+"""The organization service as other services see it: does an organization exist?
+
+Services store only an organization's name; before they write one (a device's owner, a
+patient's or a user's organization) they ask the organization service, with the caller's own
+token (`CallerCredentials` forwards it), so the caller must be allowed to see it too.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import grpc
 
 from medmesh.organization.v1 import organization_service_pb2 as pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as pb_grpc
-from medmesh.runtime.errors import PermissionDenied, Unavailable
+from medmesh.runtime.errors import FailedPrecondition, FieldViolation, PermissionDenied, Unavailable
 
 
 class OrganizationDirectory(Protocol):
@@ -16,7 +21,7 @@ class OrganizationDirectory(Protocol):
 
 
 class GrpcOrganizationDirectory:
-    """Asks the organization service over gRPC, with the caller's token (the channel forwards it)."""
+    """Asks the organization service over gRPC."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout: float = 3.0) -> None:
         self._stub = pb_grpc.OrganizationServiceStub(channel)
@@ -40,3 +45,14 @@ class GrpcOrganizationDirectory:
                 reason="ORGANIZATION_SERVICE_UNAVAILABLE",
             ) from error
         return True
+
+
+async def require_existing_organization(directory: OrganizationDirectory, organization: str, field: str) -> None:
+    """FAILED_PRECONDITION (ORGANIZATION_NOT_FOUND, naming `field`) unless the organization exists."""
+    if not await directory.exists(organization):
+        raise FailedPrecondition(
+            f"organization {organization!r} does not exist",
+            reason="ORGANIZATION_NOT_FOUND",
+            metadata={"organization": organization},
+            field_violations=[FieldViolation(field, "names an organization that does not exist")],
+        )
