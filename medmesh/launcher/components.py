@@ -85,6 +85,14 @@ def service_environment(config: PlatformConfig) -> dict[str, str]:
         "MEDMESH_S3_ACCESS_KEY": credentials.access_key,
         "MEDMESH_S3_SECRET_KEY": credentials.secret_key,
         "MEDMESH_INTERNAL_TOKEN": config.internal_token(),
+        # Where pre-signed URLs point: the gateway's HTTPS front of the embedded S3, or the external S3.
+        "MEDMESH_S3_PUBLIC_ENDPOINT": os.environ.get("MEDMESH_S3_PUBLIC_ENDPOINT", "").strip()
+        or (
+            f"{'https' if os.environ.get('MEDMESH_S3_SECURE', '').lower() in {'1', 'true', 'yes'} else 'http'}"
+            f"://{config.external_s3_endpoint}"
+            if config.external_s3_endpoint
+            else f"https://localhost:{config.port('gateway_s3')}"
+        ),
         "PYTHONUNBUFFERED": "1",
     }
     for peer in DEFAULT_GRPC_PORTS:
@@ -198,7 +206,11 @@ def _envoy(config: PlatformConfig) -> Component:
             listen_host="127.0.0.1",
             listen_port=config.port("gateway"),
             admin_port=config.port("gateway_admin"),
-            upstreams={name: ("127.0.0.1", config.port(name)) for name, _ in SERVICES},
+            upstreams={
+                **{name: ("127.0.0.1", config.port(name)) for name, _ in SERVICES},
+                **({} if config.external_s3_endpoint else {"s3": ("127.0.0.1", config.port("s3"))}),
+            },
+            s3_listen_port=None if config.external_s3_endpoint else config.port("gateway_s3"),
             tls_cert=config.tls_dir / "server.crt",
             tls_key=config.tls_dir / "server.key",
             descriptor=config.descriptor_set,
@@ -212,7 +224,7 @@ def _envoy(config: PlatformConfig) -> Component:
         envoy_command(rendered, admin_port=admin),
         lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
         f"https://localhost:{config.port('gateway')} (REST/JSON and gRPC, TLS 1.3)",
-        [config.port("gateway"), admin],
+        [config.port("gateway"), admin, *([] if config.external_s3_endpoint else [config.port("gateway_s3")])],
         prepare=prepare,
     )
 

@@ -22,6 +22,8 @@ FERRETDB_VERSION = "v1.24.2"
 BASE_PORTS: dict[str, int] = {
     "gateway": 8443,
     "gateway_admin": 9901,
+    # HTTPS in front of the embedded S3, for pre-signed upload and download URLs.
+    "gateway_s3": 9443,
     "ferretdb": 27017,
     "ferretdb_debug": 28088,
     "s3": 8333,

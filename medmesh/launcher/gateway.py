@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 LISTENER_NAME = "https"
+S3_LISTENER = "s3"
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 TRANSCODER_FILTER = "envoy.filters.http.grpc_json_transcoder"
@@ -43,6 +44,7 @@ def render_envoy_config(
     descriptor: Path,
     ca_cert: Path,
     jwks_cache_seconds: int | None = None,
+    s3_listen_port: int | None = None,
 ) -> Path:
     """Write `source` (an Envoy bootstrap) to `dest` with addresses and paths replaced.
 
@@ -52,26 +54,32 @@ def render_envoy_config(
     Certificate, key and descriptor paths are written as absolute paths. The `jwks` cluster,
     through which jwt_authn fetches the signing keys from this same listener, follows the
     listener's port and trusts `ca_cert`; `jwks_cache_seconds` overrides how long Envoy keeps
-    the keys (tests rotate keys in seconds). Returns `dest`.
+    the keys (tests rotate keys in seconds). The `s3` listener (HTTPS in front of the embedded
+    object storage, for pre-signed URLs) listens on `s3_listen_port` with the same certificate,
+    its upstream being the `s3` entry of `upstreams`; without a port it and its cluster are
+    dropped (production storage serves HTTPS itself). Returns `dest`.
     """
     config = yaml.safe_load(source.read_text(encoding="utf-8"))
     # _get raises ValueError for anything that is not the expected bootstrap shape.
     _set_socket_address(_get(config, "admin", "address"), port=admin_port)
 
-    listener = _find_named(_get(config, "static_resources", "listeners"), LISTENER_NAME)
+    listeners = _get(config, "static_resources", "listeners")
+    listener = _find_named(listeners, LISTENER_NAME)
     _set_socket_address(_get(listener, "address"), host=listen_host, port=listen_port)
+    if any(item.get("name") == S3_LISTENER for item in _as_list(listeners, "listeners")):
+        if s3_listen_port is None:
+            listeners[:] = [item for item in listeners if item.get("name") != S3_LISTENER]
+            clusters_list = _get(config, "static_resources", "clusters")
+            clusters_list[:] = [c for c in _as_list(clusters_list, "clusters") if c.get("name") != S3_LISTENER]
+        else:
+            s3 = _find_named(listeners, S3_LISTENER)
+            _set_socket_address(_get(s3, "address"), host=listen_host, port=s3_listen_port)
+            _set_certificates(s3, tls_cert, tls_key)
 
     transcoders = 0
     jwt_filters = 0
-    tls_contexts = 0
+    tls_contexts = _set_certificates(listener, tls_cert, tls_key)
     for chain in _as_list(listener.get("filter_chains", []), "filter_chains"):
-        socket = chain.get("transport_socket")
-        if isinstance(socket, dict) and socket.get("name") == TLS_TRANSPORT_SOCKET:
-            certificates = _get(socket, "typed_config", "common_tls_context", "tls_certificates")
-            for certificate in _as_list(certificates, "tls_certificates"):
-                certificate["certificate_chain"] = {"filename": str(tls_cert.resolve())}
-                certificate["private_key"] = {"filename": str(tls_key.resolve())}
-                tls_contexts += 1
         for network_filter in _as_list(chain.get("filters", []), "filters"):
             if network_filter.get("name") != HTTP_CONNECTION_MANAGER:
                 continue
@@ -155,6 +163,20 @@ def envoy_binary() -> Path:
 
 
 # --- walking the parsed bootstrap ------------------------------------------------------------
+
+
+def _set_certificates(listener: dict[str, Any], tls_cert: Path, tls_key: Path) -> int:
+    """Points every TLS certificate of the listener at these files; returns how many there were."""
+    count = 0
+    for chain in _as_list(listener.get("filter_chains", []), "filter_chains"):
+        socket = chain.get("transport_socket")
+        if isinstance(socket, dict) and socket.get("name") == TLS_TRANSPORT_SOCKET:
+            certificates = _get(socket, "typed_config", "common_tls_context", "tls_certificates")
+            for certificate in _as_list(certificates, "tls_certificates"):
+                certificate["certificate_chain"] = {"filename": str(tls_cert.resolve())}
+                certificate["private_key"] = {"filename": str(tls_key.resolve())}
+                count += 1
+    return count
 
 
 def _get(node: Any, *keys: str) -> Any:

@@ -49,8 +49,8 @@ def _validate(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _listener(config: dict[str, Any]) -> dict[str, Any]:
-    (listener,) = config["static_resources"]["listeners"]
+def _listener(config: dict[str, Any], name: str = "https") -> dict[str, Any]:
+    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == name]
     assert isinstance(listener, dict)
     return listener
 
@@ -174,9 +174,9 @@ def test_rendering_keeps_tls_13_and_everything_not_patched(rendered: Path) -> No
     (jwt_filter,) = (f for f in _hcm(config)["http_filters"] if f["name"].endswith("jwt_authn"))
     (source_jwt,) = (f for f in _hcm(source)["http_filters"] if f["name"].endswith("jwt_authn"))
     assert jwt_filter["typed_config"]["rules"] == source_jwt["typed_config"]["rules"]
-    for cluster, original in zip(
-        config["static_resources"]["clusters"], source["static_resources"]["clusters"], strict=True
-    ):
+    originals = {c["name"]: c for c in source["static_resources"]["clusters"]}
+    for cluster in config["static_resources"]["clusters"]:
+        original = originals[cluster["name"]]
         assert cluster.get("health_checks") == original.get("health_checks")
         assert cluster.get("typed_extension_protocol_options") == original.get("typed_extension_protocol_options")
 
@@ -375,3 +375,41 @@ def test_gateway_answers_rest_errors_as_json(running_gateway: int, pki: LocalPki
     assert status == 503
     assert headers["content-type"] == "application/json"
     assert json.loads(body) == {"code": 14, "message": "no healthy upstream"}
+
+
+def test_s3_listener_is_rendered_for_the_local_platform_and_dropped_otherwise(
+    rendered: Path, tmp_path: Path, pki: LocalPki
+) -> None:
+    without = yaml.safe_load(rendered.read_text())
+    assert [item["name"] for item in without["static_resources"]["listeners"]] == ["https"]
+    assert "s3" not in {c["name"] for c in without["static_resources"]["clusters"]}
+
+    dest = render_envoy_config(
+        SOURCE,
+        tmp_path / "with-s3.yaml",
+        listen_host="127.0.0.1",
+        listen_port=18443,
+        admin_port=19901,
+        upstreams={"s3": ("127.0.0.1", 18333)},
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        descriptor=DESCRIPTOR,
+        ca_cert=pki.ca_cert,
+        s3_listen_port=19443,
+    )
+    config = yaml.safe_load(dest.read_text())
+    s3 = _listener(config, "s3")
+    (chain,) = s3["filter_chains"]
+    tls = chain["transport_socket"]["typed_config"]["common_tls_context"]
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    (group,) = clusters["s3"]["load_assignment"]["endpoints"]
+
+    assert s3["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19443}
+    assert tls["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_3"
+    assert tls["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(pki.server_cert.resolve())},
+            "private_key": {"filename": str(pki.server_key.resolve())},
+        }
+    ]
+    assert group["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"] == 18333
