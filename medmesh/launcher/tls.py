@@ -147,6 +147,89 @@ def issue_client_certificate(pki: LocalPki, common_name: str, out_dir: Path) -> 
     return cert_path, key_path
 
 
+DEVICE_CA_COMMON_NAME = "medmesh device CA"
+DEVICE_CA_CERT_FILE = "device-ca.crt"
+DEVICE_CA_KEY_FILE = "device-ca.key"
+
+
+def ensure_device_ca(directory: Path) -> tuple[Path, Path]:
+    """Create once, then keep, the platform's device CA; returns (certificate path, key path).
+
+    The device service signs device client certificates with it (`MEDMESH_DEVICE_CA_CERT_FILE`
+    and `MEDMESH_DEVICE_CA_KEY_FILE`), and the MQTT broker trusts it. EC P-256, ten years,
+    CA:TRUE with no intermediates below it, keyCertSign and cRLSign. Unlike the local server CA
+    it is never replaced automatically, not even when it nears expiry: a new CA would orphan
+    every certificate already on a device. Files that exist but are unusable (only one of the
+    two, unreadable, mismatched, not a CA) are an error for a person to resolve, never
+    overwritten.
+    """
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    cert_path = directory / DEVICE_CA_CERT_FILE
+    key_path = directory / DEVICE_CA_KEY_FILE
+    with _locked(directory / ".device-ca.lock"):
+        if not cert_path.exists() and not key_path.exists():
+            cert, key = _create_device_ca(_utcnow())
+            # Key first: a certificate without its key is the state a person must fix, not the reverse.
+            _write_key(key_path, key)
+            _write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            return cert_path, key_path
+        problem = _device_ca_problem(cert_path, key_path)
+        if problem:
+            raise ValueError(f"the device CA in {directory} is unusable ({problem}); it is not replaced automatically")
+        _restrict(key_path)
+    return cert_path, key_path
+
+
+def _create_device_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEVICE_CA_COMMON_NAME)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _device_ca_problem(cert_path: Path, key_path: Path) -> str:
+    """Why the existing device CA files cannot be used, or "" when they can."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        return f"cannot read both files: {error}"
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_public_key(cert, key):
+        return "the key does not belong to the certificate"
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "the certificate is not a CA"
+    return "" if constraints.ca else "the certificate is not a CA"
+
+
 # --- certificate construction -------------------------------------------------------------
 
 
