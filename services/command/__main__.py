@@ -1,0 +1,76 @@
+"""Runs the command service: `python -m services.command`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from medmesh.command.v1 import command_service_pb2_grpc as pb_grpc
+from medmesh.runtime.audit_outbox import OutboxAuditTrail
+from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.mongo import connect, readiness
+from medmesh.runtime.server import ServiceBinding, configure_process, serve
+from medmesh.runtime.settings import Settings
+from services.command.devices import CachedDeviceDirectory, GrpcDeviceDirectory
+from services.command.notifier import NoCommandNotifier
+from services.command.repository import CommandRepository, SessionRepository
+from services.command.service import CommandService
+from services.command.servicer import INTERNAL_METHODS, INTERNAL_SERVICE, CommandInternalServicer, CommandServicer
+from services.command.sweeper import DeadlineSweeper, stop_task, sweep_seconds_from_env
+
+
+async def main() -> None:
+    settings = Settings.from_env("command")
+    configure_process(settings)
+    sweep_seconds = sweep_seconds_from_env()
+    client, database = connect(settings)
+    identity = peer_channel("identity", caller=settings.service)
+    devices = peer_channel("device", caller=settings.service)
+    audit_channel = peer_channel("audit", caller=settings.service)
+    commands = CommandRepository(database)
+    sessions = SessionRepository(database)
+    # Audit events go to an outbox in this service's own database first; the flusher delivers them.
+    trail = OutboxAuditTrail(database, settings.service, audit_channel)
+    # Real-time push to connected devices is the MQTT adapter's (next issue): until then devices
+    # get their commands from the pending list when they connect.
+    service = CommandService(
+        commands, sessions, CachedDeviceDirectory(GrpcDeviceDirectory(devices)), trail, NoCommandNotifier()
+    )
+    sweeper = DeadlineSweeper(service, sweep_seconds)
+    bindings = [
+        ServiceBinding(
+            "medmesh.command.v1.CommandService", CommandServicer(service), pb_grpc.add_CommandServiceServicer_to_server
+        ),
+        ServiceBinding(
+            INTERNAL_SERVICE, CommandInternalServicer(service), pb_grpc.add_CommandInternalServiceServicer_to_server
+        ),
+    ]
+    background: dict[str, asyncio.Task[None]] = {}
+
+    async def start() -> None:
+        background["trail"] = asyncio.create_task(trail.run())
+        # Sweeps at once: a deadline that passed while no instance ran is acted on right away.
+        background["sweeper"] = sweeper.start()
+
+    async def stop() -> None:
+        # The sweeper first: what it records reaches the outbox before the last flush.
+        if "sweeper" in background:
+            await stop_task(background["sweeper"])
+        await trail.close()
+        if "trail" in background:
+            await stop_task(background["trail"])
+        for channel in (identity, devices, audit_channel):
+            await channel.close()
+        await client.close()
+
+    await serve(
+        settings,
+        bindings,
+        readiness(database, commands, sessions, trail),
+        on_start=start,
+        on_stop=stop,
+        authenticator=service_authenticator(identity, internal_methods=INTERNAL_METHODS),
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,541 @@
+"""Use cases of the command service: who may command a device, and every change of a command
+or a session, made so that concurrent writers cannot corrupt it.
+
+Tenancy: a command (and a session) belongs to its device's data organization at creation (the
+device's care organization, else its owner). Names carry no organization, so, as in the device
+registry, a caller who is not a platform admin is told PERMISSION_DENIED alike for another
+organization's command and for one that does not exist.
+
+Concurrency: every change is a pure function of the current resource (services.command.domain)
+applied through `claim` (see services.command.repository): the writer that claims the next
+revision wins, the others read again and usually find nothing left to do. Only the winner
+audits, so each change is audited once even when several instances sweep the same deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from medmesh.runtime.audit import AuditTrail, audit
+from medmesh.runtime.auth import Principal, Role, acting_as, current_principal, internal_principal
+from medmesh.runtime.errors import (
+    Aborted,
+    DomainError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
+from medmesh.runtime.filtering import Condition, Converter, rfc3339_timestamp
+from medmesh.runtime.resources import ResourceStore, list_page, now
+from services.command.devices import DeviceAssignment, DeviceDirectory
+from services.command.domain import (
+    START_COMMAND,
+    Command,
+    CommandRequest,
+    CommandState,
+    Session,
+    SessionAction,
+    SessionRequest,
+    SessionState,
+    cancel_change,
+    cancel_refusal,
+    delivery_change,
+    delivery_refusal,
+    lapsed,
+    new_command,
+    new_id,
+    new_session,
+    parse_command_name,
+    parse_device,
+    parse_session_name,
+    report_change,
+    report_refusal,
+    session_action_change,
+    session_action_refusal,
+    session_command_missing,
+    session_outcome,
+    stop_change,
+    stop_refusal,
+    storage_key,
+)
+from services.command.notifier import CommandNotifier, NoCommandNotifier
+
+log = logging.getLogger(__name__)
+
+READ_ROLES = (Role.PLATFORM_ADMIN, Role.ORGANIZATION_ADMIN, Role.OPERATOR, Role.CLINICIAN)
+# Clinicians run remote sessions, so they may command their organization's devices too.
+WRITE_ROLES = (Role.PLATFORM_ADMIN, Role.ORGANIZATION_ADMIN, Role.OPERATOR, Role.CLINICIAN)
+# Queued for one device and not yet delivered; a device offline for long should not pile up more.
+MAX_PENDING_PER_DEVICE = 1000
+DEFAULT_PENDING_PAGE = 100
+MAX_PENDING_PAGE = 500
+MAX_CLAIM_ATTEMPTS = 5
+SWEEP_BATCH = 200
+MAX_SWEEP_BATCHES = 10
+# The repair pass leaves sessions alone this long after their last change: the normal path settles them.
+SESSION_REPAIR_GRACE = timedelta(seconds=5)
+# A session command still missing this long after the session asked for it was never created.
+MISSING_COMMAND_GRACE = timedelta(seconds=30)
+SWEEPER = "command-sweeper"
+
+
+def _state_name(written: str) -> str:
+    # Both `COMPLETED` and the JSON enum name `STATE_COMPLETED` are accepted.
+    return written.upper().removeprefix("STATE_")
+
+
+def _command_state(written: str) -> str:
+    return CommandState(_state_name(written)).value
+
+
+def _session_state(written: str) -> str:
+    return SessionState(_state_name(written)).value
+
+
+COMMAND_FILTERS: dict[str, tuple[str, Converter]] = {
+    "state": ("state", _command_state),
+    "command_name": ("command_name", str),
+    "session": ("session", str),
+    "create_time": ("create_time", rfc3339_timestamp),
+}
+SESSION_FILTERS: dict[str, tuple[str, Converter]] = {
+    "state": ("state", _session_state),
+    "patient": ("patient", str),
+    "create_time": ("create_time", rfc3339_timestamp),
+}
+
+
+class CommandStore(ResourceStore[Command], Protocol):
+    async def claim(self, resource: Command) -> bool: ...
+    async def pending(self, device: str, at: datetime, limit: int) -> list[Command]: ...
+    async def count_pending(self, device: str) -> int: ...
+    async def stop_requests(self, device: str) -> list[Command]: ...
+    async def cancellations(self, device: str, at: datetime) -> list[Command]: ...
+    async def lapsed(self, at: datetime, limit: int) -> list[Command]: ...
+
+
+class SessionStore(ResourceStore[Session], Protocol):
+    async def claim(self, resource: Session) -> bool: ...
+    async def awaiting_command(self, changed_before: datetime, limit: int) -> list[Session]: ...
+
+
+@dataclass(frozen=True)
+class CommandPage:
+    commands: list[Command]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class SessionPage:
+    sessions: list[Session]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class PendingCommands:
+    """What a device should be told now (see CommandInternalService.ListPendingCommands)."""
+
+    commands: list[Command]
+    stop_requests: list[Command]
+    cancellations: list[Command]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    commands_changed: int = 0
+    sessions_changed: int = 0
+
+
+def _denied(principal: Principal, name: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"{principal.subject} may not access {name}",
+        reason="ORGANIZATION_ACCESS_DENIED",
+        metadata={"resource": name},
+    )
+
+
+def _command_not_found(name: str) -> NotFound:
+    return NotFound(f"command {name!r} does not exist", reason="COMMAND_NOT_FOUND", metadata={"command": name})
+
+
+def _session_not_found(name: str) -> NotFound:
+    return NotFound(f"session {name!r} does not exist", reason="SESSION_NOT_FOUND", metadata={"session": name})
+
+
+def _command_change(old: Command, new: Command) -> str:
+    if old.state is not new.state:
+        return f"command {old.state.value} -> {new.state.value}"
+    return "command stop requested"
+
+
+def _session_change(old: Session, new: Session) -> str:
+    return f"session {old.state.value} -> {new.state.value}"
+
+
+def _raise_if(refusal: DomainError | None) -> None:
+    if refusal is not None:
+        raise refusal
+
+
+class CommandService:
+    def __init__(
+        self,
+        commands: CommandStore,
+        sessions: SessionStore,
+        devices: DeviceDirectory,
+        trail: AuditTrail,
+        notifier: CommandNotifier | None = None,
+        clock: Callable[[], datetime] = now,
+    ) -> None:
+        self._commands = commands
+        self._sessions = sessions
+        self._devices = devices
+        self._trail = trail
+        self._notifier = notifier or NoCommandNotifier()
+        self._clock = clock
+
+    # --- commands: public ---------------------------------------------------------------------
+
+    async def create_command(self, parent: str, request: CommandRequest, command_id: str = "") -> Command:
+        principal = current_principal()
+        principal.require_role(*WRITE_ROLES, action="create commands")
+        device_id = parse_device(parent)
+        assignment = await self._assignment(principal, parent)
+        command = new_command(
+            device_id, assignment.data_organization, request, principal.subject, self._clock(), command_id=command_id
+        )
+        await self._require_room(parent)
+        await self._commands.insert(command)
+        await audit(
+            self._trail, command.organization, command.name, description=f"command {command.command_name} created"
+        )
+        await self._notify(command)
+        return command
+
+    async def get_command(self, name: str) -> Command:
+        return await self._visible_command(name, READ_ROLES, "read commands")
+
+    async def list_commands(self, parent: str, filter_text: str, page_size: int, page_token: str) -> CommandPage:
+        principal = current_principal()
+        principal.require_role(*READ_ROLES, action="list commands")
+        parse_device(parent)
+        commands, token = await list_page(
+            self._commands, filter_text, COMMAND_FILTERS, page_size, page_token, self._scope(principal, parent)
+        )
+        return CommandPage(commands, token)
+
+    async def cancel_command(self, name: str) -> Command:
+        command = await self._visible_command(name, WRITE_ROLES, "cancel commands")
+        at = self._clock()
+        final, changed = await self._change_command(command, lambda c: lapsed(c, at) or cancel_change(c, at))
+        _raise_if(cancel_refusal(final))
+        if changed:
+            await self._notify(final)
+        return final
+
+    async def stop_command(self, name: str) -> Command:
+        command = await self._visible_command(name, WRITE_ROLES, "stop commands")
+        at = self._clock()
+        final, changed = await self._change_command(command, lambda c: lapsed(c, at) or stop_change(c, at))
+        _raise_if(stop_refusal(final))
+        if changed:
+            await self._notify(final)
+        return final
+
+    # --- commands: internal (the MQTT adapter) ------------------------------------------------
+
+    async def list_pending(self, device: str, page_size: int = 0) -> PendingCommands:
+        _require_internal("list pending commands")
+        parse_device(device, "device")
+        at = self._clock()
+        limit = min(page_size or DEFAULT_PENDING_PAGE, MAX_PENDING_PAGE)
+        return PendingCommands(
+            commands=await self._commands.pending(device, at, limit),
+            stop_requests=await self._commands.stop_requests(device),
+            cancellations=await self._commands.cancellations(device, at),
+        )
+
+    async def mark_delivered(self, name: str) -> Command:
+        _require_internal("mark commands delivered")
+        command = await self._find_command(name)
+        at = self._clock()
+        final, _ = await self._change_command(command, lambda c: lapsed(c, at) or delivery_change(c, at))
+        _raise_if(delivery_refusal(final))
+        return final
+
+    async def report_status(
+        self, name: str, state: CommandState, result: dict[str, Any] | None, error_message: str
+    ) -> Command:
+        _require_internal("report command status")
+        command = await self._find_command(name)
+        at = self._clock()
+        final, _ = await self._change_command(
+            command, lambda c: lapsed(c, at) or report_change(c, state, at, result, error_message)
+        )
+        _raise_if(report_refusal(final, state))
+        return final
+
+    # --- sessions -----------------------------------------------------------------------------
+
+    async def start_session(self, parent: str, request: SessionRequest, session_id: str = "") -> Session:
+        principal = current_principal()
+        principal.require_role(*WRITE_ROLES, action="start sessions")
+        device_id = parse_device(parent)
+        assignment = await self._assignment(principal, parent)
+        at = self._clock()
+        session = new_session(
+            device_id,
+            assignment.data_organization,
+            assignment.patient,
+            request,
+            principal.subject,
+            at,
+            session_id=session_id,
+        )
+        await self._require_room(parent)
+        # The session first: a session.start command must never name a session that does not exist.
+        # Stopping in between leaves a STARTING session without its command; the sweeper fails it.
+        await self._sessions.insert(session)
+        await audit(self._trail, session.organization, session.name, description="session STARTING")
+        await self._create_session_command(session, START_COMMAND, principal, at)
+        return session
+
+    async def get_session(self, name: str) -> Session:
+        return await self._visible_session(name, READ_ROLES, "read sessions")
+
+    async def list_sessions(self, parent: str, filter_text: str, page_size: int, page_token: str) -> SessionPage:
+        principal = current_principal()
+        principal.require_role(*READ_ROLES, action="list sessions")
+        parse_device(parent)
+        sessions, token = await list_page(
+            self._sessions, filter_text, SESSION_FILTERS, page_size, page_token, self._scope(principal, parent)
+        )
+        return SessionPage(sessions, token)
+
+    async def pause_session(self, name: str) -> Session:
+        return await self._act_on_session(name, SessionAction.PAUSE)
+
+    async def resume_session(self, name: str) -> Session:
+        return await self._act_on_session(name, SessionAction.RESUME)
+
+    async def stop_session(self, name: str) -> Session:
+        return await self._act_on_session(name, SessionAction.STOP)
+
+    async def _act_on_session(self, name: str, action: SessionAction) -> Session:
+        principal = current_principal()
+        session = await self._visible_session(name, WRITE_ROLES, f"{action.value} sessions")
+        at = self._clock()
+        command_id = new_id(at)
+        final, changed = await self._change_session(session, lambda s: session_action_change(s, action, command_id, at))
+        if not changed:
+            _raise_if(session_action_refusal(final, action))
+            return final
+        await self._create_session_command(final, action.command_name, principal, at)
+        return final
+
+    async def _create_session_command(
+        self, session: Session, command_name: str, principal: Principal, at: datetime
+    ) -> None:
+        _, command_id = parse_command_name(session.current_command, "session.current_command")
+        command = new_command(
+            session.device_id,
+            session.organization,
+            session.command_request(command_name),
+            principal.subject,
+            at,
+            command_id=command_id,
+            session=session.name,
+            field_prefix="session",
+        )
+        await self._commands.insert(command)
+        await audit(self._trail, command.organization, command.name, description=f"command {command_name} created")
+        await self._notify(command)
+
+    # --- deadlines ----------------------------------------------------------------------------
+
+    async def sweep(self, *, repair_sessions: bool = True) -> SweepResult:
+        """Times out commands past their deadline and expires those past their ttl; with
+        `repair_sessions`, also settles sessions whose command ended while no one was there to
+        say so (a service stopped between the two writes). Safe to run in every instance at once."""
+        with acting_as(internal_principal(SWEEPER)):
+            at = self._clock()
+            commands_changed = await self._sweep_commands(at)
+            sessions_changed = await self._repair_sessions(at) if repair_sessions else 0
+        return SweepResult(commands_changed, sessions_changed)
+
+    async def _sweep_commands(self, at: datetime) -> int:
+        changed = 0
+        seen: set[str] = set()
+        for _ in range(MAX_SWEEP_BATCHES):
+            batch = [command for command in await self._commands.lapsed(at, SWEEP_BATCH) if command.id not in seen]
+            if not batch:
+                break
+            for command in batch:
+                seen.add(command.id)
+                try:
+                    _, applied = await self._change_command(command, lambda c: lapsed(c, at))
+                except DomainError as error:  # one command must not hold up the others
+                    log.warning("sweeping %s failed: %s", command.name, error.message)
+                    continue
+                changed += applied
+        return changed
+
+    async def _repair_sessions(self, at: datetime) -> int:
+        changed = 0
+        for session in await self._sessions.awaiting_command(at - SESSION_REPAIR_GRACE, SWEEP_BATCH):
+            try:
+                decide = await self._session_repair(session, at)
+                if decide is not None:
+                    _, applied = await self._change_session(session, decide)
+                    changed += applied
+            except DomainError as error:
+                log.warning("repairing %s failed: %s", session.name, error.message)
+        return changed
+
+    async def _session_repair(self, session: Session, at: datetime) -> Callable[[Session], Session | None] | None:
+        device_id, command_id = parse_command_name(session.current_command, "session.current_command")
+        command = await self._commands.get(storage_key(device_id, command_id))
+        if command is None:
+            if session.update_time > at - MISSING_COMMAND_GRACE:
+                return None
+            expected = session.current_command
+            return lambda s: session_command_missing(s, expected, at)
+        if not command.is_terminal:
+            return None
+        return lambda s: session_outcome(s, command, at)
+
+    # --- changes ------------------------------------------------------------------------------
+
+    async def _change_command(
+        self, command: Command, decide: Callable[[Command], Command | None]
+    ) -> tuple[Command, bool]:
+        """Applies `decide` to the latest command until it claims a revision or has nothing to do.
+
+        Returns the command as it ends up, and whether this call changed it.
+        """
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            current = await self._commands.get(command.id)
+            if current is None:
+                raise _command_not_found(command.name)
+            changed = decide(current)
+            if changed is None:
+                return current, False
+            if await self._commands.claim(changed):
+                await audit(
+                    self._trail, changed.organization, changed.name, description=_command_change(current, changed)
+                )
+                if changed.is_terminal and changed.session:
+                    await self._settle_session(changed)
+                return changed, True
+        raise Aborted(
+            f"command {command.name} kept changing while this request tried to change it; retry",
+            reason="CONCURRENT_CHANGE",
+            metadata={"command": command.name},
+        )
+
+    async def _change_session(
+        self, session: Session, decide: Callable[[Session], Session | None]
+    ) -> tuple[Session, bool]:
+        for _ in range(MAX_CLAIM_ATTEMPTS):
+            current = await self._sessions.get(session.id)
+            if current is None:
+                raise _session_not_found(session.name)
+            changed = decide(current)
+            if changed is None:
+                return current, False
+            if await self._sessions.claim(changed):
+                await audit(
+                    self._trail, changed.organization, changed.name, description=_session_change(current, changed)
+                )
+                return changed, True
+        raise Aborted(
+            f"session {session.name} kept changing while this request tried to change it; retry",
+            reason="CONCURRENT_CHANGE",
+            metadata={"session": session.name},
+        )
+
+    async def _settle_session(self, command: Command) -> None:
+        """The session of a command that just ended moves on (only if that was its current command)."""
+        device_id, session_id = parse_session_name(command.session, "command.session")
+        session = await self._sessions.get(storage_key(device_id, session_id))
+        if session is None:
+            log.warning("command %s names session %s, which does not exist", command.name, command.session)
+            return
+        at = self._clock()
+        await self._change_session(session, lambda s: session_outcome(s, command, at))
+
+    # --- lookups and access -------------------------------------------------------------------
+
+    async def _assignment(self, principal: Principal, device: str) -> DeviceAssignment:
+        """The device's current assignment, if the caller may command the device's data organization."""
+        assignment = await self._devices.assignment(device)
+        if assignment is None:
+            if not principal.sees_every_organization:
+                raise _denied(principal, device)
+            raise NotFound(f"device {device!r} does not exist", reason="DEVICE_NOT_FOUND", metadata={"device": device})
+        if not principal.can_access(assignment.data_organization):
+            raise _denied(principal, device)
+        return assignment
+
+    async def _require_room(self, device: str) -> None:
+        pending = await self._commands.count_pending(device)
+        if pending >= MAX_PENDING_PER_DEVICE:
+            raise ResourceExhausted(
+                f"{device} already has {pending} commands waiting for delivery; cancel some or wait for it to connect",
+                reason="TOO_MANY_PENDING_COMMANDS",
+                metadata={"device": device, "limit": str(MAX_PENDING_PER_DEVICE)},
+            )
+
+    @staticmethod
+    def _scope(principal: Principal, device: str) -> list[Condition]:
+        scope = [Condition("device", True, device)]
+        if not principal.sees_every_organization:
+            scope.append(Condition("organization", True, principal.organization))
+        return scope
+
+    async def _find_command(self, name: str) -> Command:
+        device_id, command_id = parse_command_name(name)
+        command = await self._commands.get(storage_key(device_id, command_id))
+        if command is None:
+            raise _command_not_found(name)
+        return command
+
+    async def _visible_command(self, name: str, roles: tuple[Role, ...], action: str) -> Command:
+        principal = current_principal()
+        principal.require_role(*roles, action=action)
+        device_id, command_id = parse_command_name(name)
+        command = await self._commands.get(storage_key(device_id, command_id))
+        if command is None or not principal.can_access(command.organization):
+            if not principal.sees_every_organization:
+                raise _denied(principal, name)
+            raise _command_not_found(name)
+        return command
+
+    async def _visible_session(self, name: str, roles: tuple[Role, ...], action: str) -> Session:
+        principal = current_principal()
+        principal.require_role(*roles, action=action)
+        device_id, session_id = parse_session_name(name)
+        session = await self._sessions.get(storage_key(device_id, session_id))
+        if session is None or not principal.can_access(session.organization):
+            if not principal.sees_every_organization:
+                raise _denied(principal, name)
+            raise _session_not_found(name)
+        return session
+
+    async def _notify(self, command: Command) -> None:
+        try:
+            await self._notifier.command_changed(command)
+        except Exception:  # a hint only: the pending list delivers it anyway
+            log.warning("could not notify the device of %s", command.name, exc_info=True)
+
+
+def _require_internal(action: str) -> None:
+    principal = current_principal()
+    if not principal.is_internal:
+        raise PermissionDenied(
+            f"only the MQTT adapter may {action}", reason="INTERNAL_ONLY", metadata={"subject": principal.subject}
+        )

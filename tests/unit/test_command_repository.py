@@ -1,0 +1,166 @@
+"""The command repositories: document mapping, and revision claims against a collection fake.
+
+The fake collection does what FerretDB does for the operations used here: a duplicate `_id`
+insert fails (atomic), a filtered replace matches or not. The real round trip runs in
+tests/integration/test_command_deadlines.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from services.command.domain import (
+    CommandRequest,
+    CommandState,
+    Session,
+    SessionState,
+    new_command,
+)
+from services.command.repository import CommandRepository, SessionRepository, revision_key
+
+AT = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
+COMMAND = new_command(
+    "SN-1.x_y",
+    "organizations/a",
+    CommandRequest("reboot", {"delay": 5, "a.b": {"$c": [1, "x", None]}}, timedelta(seconds=30), timedelta(hours=2)),
+    "organizations/a/users/u",
+    AT,
+    command_id="c-1",
+)
+SESSION = Session(
+    device_id="SN-1",
+    session_id="s1",
+    organization="organizations/a",
+    patient="organizations/a/patients/p1",
+    creator="organizations/a/users/u",
+    parameters={"mode": "therapy"},
+    command_timeout=timedelta(seconds=45),
+    command_ttl=timedelta(minutes=10),
+    state=SessionState.ACTIVE,
+    current_command="devices/SN-1/commands/c-1",
+    create_time=AT,
+    update_time=AT,
+    error_message="",
+    active_time=AT,
+    revision=3,
+)
+
+
+class FakeCollection:
+    def __init__(self) -> None:
+        self.documents: dict[str, dict[str, Any]] = {}
+
+    async def find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
+        document = self.documents.get(query["_id"])
+        return None if document is None else dict(document)
+
+    async def insert_one(self, document: dict[str, Any]) -> None:
+        if document["_id"] in self.documents:
+            raise DuplicateKeyError("E11000 duplicate key")
+        self.documents[document["_id"]] = dict(document)
+
+    async def replace_one(self, query: dict[str, Any], document: dict[str, Any]) -> None:
+        current = self.documents.get(query["_id"])
+        if current is not None and current["revision"] < query["revision"]["$lt"]:
+            self.documents[query["_id"]] = dict(document)
+
+
+@pytest.fixture
+def database() -> dict[str, FakeCollection]:
+    return {name: FakeCollection() for name in ("commands", "command_revisions", "sessions", "session_revisions")}
+
+
+@pytest.fixture
+def commands(database: dict[str, FakeCollection]) -> CommandRepository:
+    return CommandRepository(cast(Any, database))
+
+
+def test_command_document_shape(commands: CommandRepository) -> None:
+    document = commands.to_document(COMMAND)
+
+    assert document["_id"] == "SN-1.x_y/c-1"
+    assert (document["device"], document["command_id"], document["state"]) == ("devices/SN-1.x_y", "c-1", "PENDING")
+    assert (document["timeout_ms"], document["ttl_ms"]) == (30_000, 7_200_000)
+    # Device-defined keys such as `a.b` and `$c` are kept as JSON text, never as field names.
+    assert document["parameters"] == '{"delay":5,"a.b":{"$c":[1,"x",null]}}'
+    assert document["result"] is None
+    assert (document["deadline"], document["expire_time"]) == (None, AT + timedelta(hours=2))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        COMMAND,
+        COMMAND.delivered(AT).started(AT).with_stop_request(AT),
+        COMMAND.delivered(AT).finished(CommandState.FAILED, AT, {"code": 7}, "jammed"),
+        replace(COMMAND.canceled(AT), session="devices/SN-1.x_y/sessions/s1"),
+    ],
+)
+def test_command_round_trip(commands: CommandRepository, command: Any) -> None:
+    assert commands.from_document(commands.to_document(command)) == command
+
+
+def test_session_round_trip(database: dict[str, FakeCollection]) -> None:
+    sessions = SessionRepository(cast(Any, database))
+
+    assert sessions.from_document(sessions.to_document(SESSION)) == SESSION
+    assert sessions.to_document(SESSION)["command_timeout_ms"] == 45_000
+
+
+async def test_a_claim_writes_the_document(commands: CommandRepository, database: dict[str, FakeCollection]) -> None:
+    await commands.insert(COMMAND)
+
+    assert await commands.claim(COMMAND.delivered(AT))
+
+    assert await commands.get(COMMAND.id) == COMMAND.delivered(AT)
+    assert set(database["command_revisions"].documents) == {revision_key(COMMAND.id, 2)}
+
+
+async def test_a_revision_is_claimed_once(commands: CommandRepository) -> None:
+    await commands.insert(COMMAND)
+    await commands.claim(COMMAND.delivered(AT))
+
+    lost = await commands.claim(COMMAND.canceled(AT))
+
+    assert lost is False
+    stored = await commands.get(COMMAND.id)
+    assert stored is not None
+    assert stored.state is CommandState.DELIVERED
+
+
+async def test_get_rolls_forward_claims_whose_write_never_happened(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    await commands.insert(COMMAND)
+    delivered = COMMAND.delivered(AT)
+    started = delivered.started(AT)
+    for command in (delivered, started):  # claimed by a writer that stopped before writing
+        await database["command_revisions"].insert_one(
+            {
+                "_id": revision_key(command.id, command.revision),
+                "resource": command.id,
+                "revision": command.revision,
+                "document": commands.to_document(command),
+            }
+        )
+
+    assert await commands.get(COMMAND.id) == started
+    assert database["commands"].documents[COMMAND.id]["state"] == "IN_PROGRESS"
+
+
+async def test_a_late_write_does_not_go_back(commands: CommandRepository, database: dict[str, FakeCollection]) -> None:
+    started = COMMAND.delivered(AT).started(AT)
+    await database["commands"].insert_one(commands.to_document(started))
+
+    await commands._write(commands.to_document(COMMAND.delivered(AT)))
+
+    assert database["commands"].documents[COMMAND.id]["revision"] == 3
+
+
+async def test_get_of_nothing(commands: CommandRepository) -> None:
+    assert await commands.get("SN-1/none") is None
