@@ -17,6 +17,7 @@ from pymongo import AsyncMongoClient
 
 from medmesh.launcher.config import BASE_PORTS, PlatformConfig
 from medmesh.launcher.gateway import envoy_command, render_envoy_config
+from medmesh.launcher.tls import ensure_device_ca
 from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 
 HealthCheck = Callable[[], Awaitable[bool]]
@@ -28,6 +29,10 @@ SERVICES: list[tuple[str, str]] = [
     ("patient", "services.patient"),
     ("device", "services.device"),
     ("audit", "services.audit"),
+    ("observation", "services.observation"),
+    ("command", "services.command"),
+    ("file", "services.file"),
+    ("alert", "services.alert"),
 ]
 
 
@@ -184,6 +189,14 @@ def _python_component(config: PlatformConfig, name: str, module: str) -> Compone
 
         def prepare() -> None:
             config.admin_credentials()
+
+    elif name == "device":
+        # The platform device CA that signs device certificates: made once, kept in the state directory.
+        env["MEDMESH_DEVICE_CA_CERT_FILE"] = str(config.device_ca_cert)
+        env["MEDMESH_DEVICE_CA_KEY_FILE"] = str(config.device_ca_key)
+
+        def prepare() -> None:
+            ensure_device_ca(config.tls_dir)
 
     return Component(
         name,

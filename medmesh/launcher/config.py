@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from medmesh.launcher.tls import DEVICE_CA_CERT_FILE, DEVICE_CA_KEY_FILE
 from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -100,6 +101,14 @@ class PlatformConfig:
     @property
     def tls_dir(self) -> Path:
         return self.state_dir / "tls"
+
+    @property
+    def device_ca_cert(self) -> Path:
+        return self.tls_dir / DEVICE_CA_CERT_FILE
+
+    @property
+    def device_ca_key(self) -> Path:
+        return self.tls_dir / DEVICE_CA_KEY_FILE
 
     @property
     def status_file(self) -> Path:
