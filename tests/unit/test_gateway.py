@@ -212,8 +212,14 @@ def test_source_routes_each_grpc_service_to_its_cluster() -> None:
         "/medmesh.identity.v1.IdentityService/": "identity",
         "/medmesh.patient.v1.PatientService/": "patient",
         "/medmesh.audit.v1.AuditService/": "audit",
+        "/medmesh.device.v1.DeviceCredentialService/": "device",
+        "/medmesh.observation.v1.ObservationService/": "observation",
+        "/medmesh.command.v1.CommandService/": "command",
+        "/medmesh.file.v1.FileService/": "file",
+        "/medmesh.alert.v1.AlertService/": "alert",
     }
-    assert "/medmesh.audit.v1.AuditIngestService/" not in routed  # internal only
+    # Internal services (the mesh credential's) are never routed.
+    assert not [prefix for prefix in routed if "Internal" in prefix or "Ingest" in prefix]
     assert sorted(f"/{service}/" for service in services) == sorted(routed)
     for prefix, cluster_name in routed.items():
         (health_check,) = clusters[cluster_name]["health_checks"]
