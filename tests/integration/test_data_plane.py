@@ -18,8 +18,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf import struct_pb2
 
+from medmesh.device.v1 import device_credential_service_pb2 as device_credential_pb
+from medmesh.device.v1 import device_credential_service_pb2_grpc as device_credential_grpc
 from medmesh.device.v1 import device_internal_service_pb2 as device_internal_pb
 from medmesh.device.v1 import device_internal_service_pb2_grpc as device_internal_grpc
 from medmesh.observation.v1 import observation_service_pb2 as observation_pb
@@ -363,3 +369,53 @@ def test_a_1mb_file_goes_through_pre_signed_urls_and_a_wrong_checksum_is_refused
     assert refused.status_code == 400, refused.text  # FAILED_PRECONDITION
     assert "CHECKSUM_MISMATCH" in refused.text
     assert ok(http.get(f"/v1/{wrong['file']['name']}"))["state"] == "STATE_FAILED"
+
+
+# --- device identity ----------------------------------------------------------------------------
+
+
+def test_a_certificate_issued_from_a_csr_is_valid_until_revoked_and_relay_credentials_verify(
+    platform: Platform, clinic: Clinic, internal: list[tuple[str, str]]
+) -> None:
+    serial = clinic.device.removeprefix("devices/")
+    key = ec.generate_private_key(ec.SECP256R1())  # stays here, as on a device
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, serial)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+        .decode()
+    )
+    http = clinic.operator.http
+    issued = ok(http.post(f"/v1/{clinic.device}:issueCertificate", json={"csr": csr}))
+    certificate = x509.load_pem_x509_certificate(issued["pem"].encode())
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    assert certificate.public_key().public_bytes(*der) == key.public_key().public_bytes(*der)
+    wrong = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "SOMEONE-ELSE")])
+    )
+    refused = http.post(
+        f"/v1/{clinic.device}:issueCertificate",
+        json={"csr": wrong.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()},
+    )
+    assert refused.status_code == 400, refused.text
+
+    check = device_credential_pb.CheckCertificateRequest(pem=issued["pem"])
+    with grpc.insecure_channel(platform.grpc_address("device")) as channel:
+        stub = device_credential_grpc.DeviceCredentialInternalServiceStub(channel)
+        valid = stub.CheckCertificate(check, metadata=internal, timeout=10)
+        assert (valid.valid, valid.device) == (True, clinic.device)
+        ok(http.post(f"/v1/{issued['name']}:revoke", json={"reason": "REVOCATION_REASON_KEY_COMPROMISE"}))
+        revoked = stub.CheckCertificate(check, metadata=internal, timeout=10)
+        assert (revoked.valid, revoked.reason) == (False, device_credential_pb.CheckCertificateResponse.REASON_REVOKED)
+
+        relay = ok(http.post(f"/v1/{clinic.device}:createTemporaryCredentials", json={"ttl": "300s"}))
+        verify = device_credential_pb.VerifyTemporaryCredentialsRequest
+        good = stub.VerifyTemporaryCredentials(
+            verify(username=relay["username"], password=relay["password"]), metadata=internal, timeout=10
+        )
+        bad = stub.VerifyTemporaryCredentials(
+            verify(username=relay["username"], password="not-it"), metadata=internal, timeout=10
+        )
+    assert (good.valid, good.device) == (True, clinic.device)
+    assert not bad.valid
