@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -35,20 +36,29 @@ PYTHON_MODULES = {
     "services.identity": "identity",
     "services.patient": "patient",
     "services.audit": "audit",
+    "services.observation": "observation",
+    "services.command": "command",
+    "services.file": "file",
+    "services.alert": "alert",
     "mqtt_adapter": "mqtt_adapter",
 }
-GRPC_SERVICES = ("organization", "device", "identity", "patient", "audit")
+GRPC_SERVICES = ("organization", "device", "identity", "patient", "audit", "observation", "command", "file", "alert")
 MONGO_SECRETS = {name: f"{name}-mongodb" for name in GRPC_SERVICES}
 EDGES = ("gateway", "mqtt-adapter")
 # Who calls whom inside the mesh (the gateway and the internet aside): every service verifies
-# tokens with identity's keys and delivers audit events to audit.
+# tokens with identity's keys and delivers audit events to audit. The adapter's calls to
+# observation, command and file come with the adapter issue; the policies admit them already.
 CALLS: dict[str, set[str]] = {
     "organization": {"identity", "audit"},
-    "device": {"organization", "identity", "audit"},
+    "device": {"organization", "patient", "identity", "audit"},
     "patient": {"organization", "identity", "audit"},
     "identity": {"organization", "patient", "audit"},
     "audit": {"identity"},
-    "mqtt-adapter": {"device"},
+    "observation": {"device", "alert", "identity", "audit"},
+    "command": {"device", "identity", "audit"},
+    "file": {"device", "identity", "audit"},
+    "alert": {"device", "identity", "audit"},
+    "mqtt-adapter": {"device", "observation", "command", "file"},
 }
 MESH_CREDENTIAL = {"secretKeyRef": {"name": "medmesh-internal", "key": "token"}}
 
@@ -158,6 +168,38 @@ def base_config() -> dict[str, str]:
     raise AssertionError("base has no medmesh-config generator")
 
 
+def overlay_config(overlay: str) -> dict[str, str]:
+    """medmesh-config as an overlay generates it: the base's literals, merged with its own."""
+    config = base_config()
+    for generator in kustomization(OVERLAYS / overlay).get("configMapGenerator", []):
+        if generator["name"] == "medmesh-config":
+            assert generator.get("behavior") == "merge", f"{overlay} would replace the base's settings"
+            for literal in generator.get("literals", []):
+                key, value = literal.split("=", 1)
+                config[key] = value
+    return config
+
+
+def referenced_secrets(deployment: dict[str, Any]) -> set[str]:
+    """Every Secret a Deployment's pods are given: volumes (plain or projected) and environment."""
+    spec = pod_spec(deployment)
+    names: set[str] = set()
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            names.add(volume["secret"]["secretName"])
+        for source in volume.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        for entry in container.get("env", []):
+            if ref := entry.get("valueFrom", {}).get("secretKeyRef"):
+                names.add(ref["name"])
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                names.add(source["secretRef"]["name"])
+    return names
+
+
 DEPLOYMENTS = sorted(by_name("Deployment"))
 
 
@@ -220,6 +262,23 @@ def test_every_yaml_file_under_k8s_is_used() -> None:
         used |= {target.resolve() for _, target in referenced_files(path.parent, kustomization(path.parent))}
     orphans = [rel(p) for p in YAML_FILES if p.resolve() not in used]
     assert not orphans, f"YAML files no kustomization includes: {orphans}"
+
+
+# Never committed: each is made by hand in the namespace (k8s/README.md).
+SECRET_SETTINGS = {"MEDMESH_MONGODB_URI", "MEDMESH_INTERNAL_TOKEN", "MEDMESH_S3_ACCESS_KEY", "MEDMESH_S3_SECRET_KEY"}
+
+
+def test_no_secret_values_are_committed() -> None:
+    for path in YAML_FILES:
+        assert all(doc.get("kind") != "Secret" for doc in load_all(path)), f"{rel(path)} holds a Secret"
+    for path in KUSTOMIZATIONS:
+        assert "secretGenerator" not in kustomization(path.parent), f"{rel(path)} generates a Secret"
+    for overlay in ("two-zones", "dev"):
+        assert not SECRET_SETTINGS & set(overlay_config(overlay)), f"{overlay}: a secret in medmesh-config"
+    for name in DEPLOYMENTS:
+        for container in containers(deployment(name)):
+            for entry in container.get("env", []):
+                assert entry["name"] not in SECRET_SETTINGS or "value" not in entry, f"{name}: {entry['name']} inline"
 
 
 def test_base_is_namespaced() -> None:
@@ -434,6 +493,96 @@ def test_identity_reads_its_first_admin_from_an_optional_secret() -> None:
         assert "identity-bootstrap-admin" not in str(deployment(name)["spec"])
 
 
+DEVICE_CA_SECRET = "device-ca"
+
+
+def test_device_signs_with_the_device_ca_from_its_secret() -> None:
+    device = deployment("device")
+    container = containers(device)[0]
+    for variable, key in (("MEDMESH_DEVICE_CA_CERT_FILE", "tls.crt"), ("MEDMESH_DEVICE_CA_KEY_FILE", "tls.key")):
+        path = env_value(container, variable)
+        assert isinstance(path, str), f"{variable} unset: the device service refuses to start"
+        volume, mounted_key = mounted_file(device, path)
+        # Not optional and the keys listed: a Secret without the CA, or half of it, fails at
+        # volume setup instead of starting a service that cannot sign.
+        assert volume["secret"]["secretName"] == DEVICE_CA_SECRET
+        assert volume["secret"].get("optional", False) is False
+        assert volume["secret"]["defaultMode"] == 0o440
+        assert mounted_key == key
+    # Server-side key generation (the code's default) stays a development convenience: the
+    # production overlay turns it off (test_two_zones_generates_no_device_keys_on_the_server).
+    assert env_value(container, "MEDMESH_DEVICE_CERTIFICATE_GENERATE") is None
+
+
+def test_the_device_ca_key_reaches_device_pods_only() -> None:
+    for name in set(DEPLOYMENTS) - {"device"}:
+        d = deployment(name)
+        assert DEVICE_CA_SECRET not in referenced_secrets(d), f"{name} is given the device CA's Secret, key and all"
+        for container in containers(d):
+            assert env_value(container, "MEDMESH_DEVICE_CA_KEY_FILE") is None, f"{name} looks for the CA key"
+
+
+def test_the_adapter_trusts_the_device_ca_certificate_alone() -> None:
+    adapter = deployment("mqtt-adapter")
+    path = env_value(containers(adapter)[0], "MEDMESH_DEVICE_CA_CERT_FILE")
+    assert path == env_value(containers(deployment("device"))[0], "MEDMESH_DEVICE_CA_CERT_FILE")
+    volume, key = mounted_file(adapter, path)
+    # A ConfigMap of the certificate, not the Secret with only tls.crt listed: the kubelet would
+    # still fetch the whole Secret, key included, onto the (internet-facing) adapter's nodes.
+    assert volume["configMap"]["name"] == "device-ca-cert"
+    assert volume["configMap"]["items"] == [{"key": "tls.crt", "path": "tls.crt"}]
+    assert key == "tls.crt"
+    # Its own Secret carries its server certificate and key; device trust comes from the device CA only.
+    [tls] = [v for v in pod_spec(adapter)["volumes"] if v.get("secret", {}).get("secretName") == "mqtt-adapter-tls"]
+    assert [item["key"] for item in tls["secret"]["items"]] == ["tls.crt", "tls.key"]
+
+
+S3_CREDENTIALS = {
+    "MEDMESH_S3_ACCESS_KEY": {"secretKeyRef": {"name": "file-s3", "key": "access-key"}},
+    "MEDMESH_S3_SECRET_KEY": {"secretKeyRef": {"name": "file-s3", "key": "secret-key"}},
+}
+
+
+def check_object_storage_settings(where: str, config: dict[str, Any]) -> None:
+    endpoint = config["MEDMESH_S3_ENDPOINT"]
+    assert urlsplit(f"//{endpoint}").netloc == endpoint, f"{where}: MEDMESH_S3_ENDPOINT is host[:port], no scheme"
+    assert config["MEDMESH_S3_SECURE"] in {"true", "false"}
+    assert config["MEDMESH_S3_REGION"], f"{where}: URLs are signed for a region"
+    # What services/file/storage.py accepts; anything else stops the service at start-up.
+    public = urlsplit(config["MEDMESH_S3_PUBLIC_ENDPOINT"])
+    assert public.scheme in {"http", "https"}
+    assert public.netloc
+    assert public.path in {"", "/"}
+    assert not public.query
+    assert not public.fragment
+
+
+def test_the_file_service_reaches_its_object_storage() -> None:
+    env = effective_env(deployment("file"))
+    for variable, source in S3_CREDENTIALS.items():
+        # Unset, the code falls back to the local platform's development keys.
+        assert env.get(variable) == source
+    assert env.get("MEDMESH_FILE_BUCKET")
+    check_object_storage_settings("base", env)
+
+
+@pytest.mark.parametrize("overlay", ["two-zones", "dev"])
+def test_each_overlay_says_where_object_storage_is(overlay: str) -> None:
+    config = overlay_config(overlay)
+    check_object_storage_settings(overlay, config)
+    if overlay == "two-zones":
+        assert config["MEDMESH_S3_SECURE"] == "true"
+        assert urlsplit(config["MEDMESH_S3_PUBLIC_ENDPOINT"]).scheme == "https", "devices and browsers use HTTPS"
+
+
+def test_only_the_file_service_holds_object_storage_credentials() -> None:
+    assert not set(S3_CREDENTIALS) & set(base_config()), "never in the shared ConfigMap"
+    for name in set(DEPLOYMENTS) - {"file"}:
+        assert "file-s3" not in referenced_secrets(deployment(name)), f"{name} needs no object storage"
+        for container in containers(deployment(name)):
+            assert all(env_value(container, variable) is None for variable in S3_CREDENTIALS)
+
+
 def envoy_files(node: Any) -> Iterator[str]:
     """Every file path the Envoy bootstrap reads (certificates, keys, CAs, descriptor set)."""
     if isinstance(node, dict):
@@ -568,13 +717,29 @@ def test_the_gateway_routes_to_every_grpc_service() -> None:
         ("gateway", "identity", 50053),
         ("gateway", "patient", 50054),
         ("gateway", "audit", 50055),
+        ("gateway", "observation", 50056),
+        ("gateway", "command", 50057),
+        ("gateway", "file", 50058),
+        ("gateway", "alert", 50059),
         ("device", "organization", 50051),
         ("patient", "organization", 50051),
         ("identity", "organization", 50051),
         ("identity", "patient", 50054),
+        ("device", "patient", 50054),
+        ("observation", "alert", 50059),
         ("mqtt-adapter", "device", 50052),
-        *[(caller, "identity", 50053) for caller in ("organization", "device", "patient", "audit")],
-        *[(caller, "audit", 50055) for caller in ("organization", "device", "patient", "identity")],
+        ("mqtt-adapter", "observation", 50056),
+        ("mqtt-adapter", "command", 50057),
+        ("mqtt-adapter", "file", 50058),
+        *[(caller, "device", 50052) for caller in ("observation", "command", "file", "alert")],
+        *[
+            (caller, "identity", 50053)
+            for caller in ("organization", "device", "patient", "audit", "observation", "command", "file", "alert")
+        ],
+        *[
+            (caller, "audit", 50055)
+            for caller in ("organization", "device", "patient", "identity", "observation", "command", "file", "alert")
+        ],
     ],
 )
 def test_intended_flows_are_allowed(source: str | None, target: str, port: int) -> None:
@@ -590,17 +755,34 @@ def test_intended_flows_are_allowed(source: str | None, target: str, port: int) 
         (None, "identity", 50053),
         (None, "patient", 50054),
         (None, "audit", 50055),
+        (None, "observation", 50056),
+        (None, "command", 50057),
+        (None, "file", 50058),
+        (None, "alert", 50059),
         (None, "mqtt-adapter", 50060),
         (None, "gateway", 9901),
         ("mqtt-adapter", "organization", 50051),
         ("mqtt-adapter", "identity", 50053),
         ("mqtt-adapter", "patient", 50054),
         ("mqtt-adapter", "audit", 50055),
+        ("mqtt-adapter", "alert", 50059),
         ("organization", "device", 50052),
         ("organization", "patient", 50054),
         ("patient", "device", 50052),
-        ("device", "patient", 50054),
+        ("audit", "device", 50052),
         ("audit", "patient", 50054),
+        # PHI stays with patient: none of the new services reads it.
+        *[(caller, "patient", 50054) for caller in ("observation", "command", "file", "alert")],
+        # Only observation submits to alert; nobody but the gateway and the adapter calls these three.
+        ("command", "alert", 50059),
+        ("file", "alert", 50059),
+        ("device", "alert", 50059),
+        ("alert", "observation", 50056),
+        ("device", "observation", 50056),
+        ("observation", "command", 50057),
+        ("device", "command", 50057),
+        ("command", "file", 50058),
+        ("device", "file", 50058),
         ("audit", "organization", 50051),
         ("identity", "device", 50052),
         ("gateway", "mqtt-adapter", 50060),
@@ -621,6 +803,80 @@ def test_exactly_the_intended_flows_are_allowed() -> None:
     intended = allowed_flows()
     assert admitted - intended == set(), "admitted but not intended"
     assert intended - admitted == set(), "intended but not admitted"
+
+
+def egress_allowed(source: str, target: dict[str, str] | None, port: int, protocol: str = "TCP") -> bool:
+    """Whether the base's NetworkPolicies let `source`'s pods connect to pods with `target` labels
+    (None: an address that is no pod of the namespace) on a port; open unless a policy isolates it."""
+    labels = labels_of(source)
+    policies = [
+        p
+        for p in of_kind("NetworkPolicy")
+        if "Egress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], labels)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            rule_ports = [(p.get("protocol", "TCP"), p["port"]) for p in rule.get("ports", [])]
+            assert all(isinstance(number, int) for _, number in rule_ports), "named ports are not understood here"
+            if rule_ports and (protocol, port) not in rule_ports:
+                continue
+            peers = rule.get("to")
+            if peers is None:
+                return True
+            for peer in peers:
+                assert set(peer) == {"podSelector"}, f"unexpected peer {peer}"
+                if target is not None and selects(peer["podSelector"], target):
+                    return True
+    return False
+
+
+def s3_port(config: dict[str, str]) -> int:
+    port = urlsplit(f"//{config['MEDMESH_S3_ENDPOINT']}").port
+    return port or (443 if config["MEDMESH_S3_SECURE"] == "true" else 80)
+
+
+def test_file_egress_admits_exactly_what_the_file_service_needs() -> None:
+    config = base_config()
+    otlp = urlsplit(config["OTEL_EXPORTER_OTLP_ENDPOINT"]).port
+    assert otlp is not None
+    # Outside the mesh: S3, MongoDB (27017 by assumption: its URI is in a Secret), the collector, DNS.
+    for port in (s3_port(config), 27017, otlp):
+        assert egress_allowed("file", None, port), f"file cannot reach port {port}"
+    assert egress_allowed("file", None, 53, "UDP")
+    assert egress_allowed("file", None, 53, "TCP")
+    assert not egress_allowed("file", None, 22)
+    assert not egress_allowed("file", None, 80)
+    # Inside: exactly the peers it calls.
+    for target in DEPLOYMENTS:
+        for port in set(container_ports(deployment(target)).values()):
+            expected = target in CALLS["file"] and port == grpc_port(target)
+            assert egress_allowed("file", labels_of(target), port) is expected, (target, port)
+
+
+def overlay_egress_ports(overlay: str, policy: str) -> set[int]:
+    """TCP ports an overlay's JSON patches open, to any destination, in a NetworkPolicy's egress."""
+    ports: set[int] = set()
+    for patch in overlay_patches(overlay):
+        if patch.get("target") != {"kind": "NetworkPolicy", "name": policy}:
+            continue
+        for op in patch["patch"]:
+            if op["op"] == "add" and op["path"] == "/spec/egress/-" and "to" not in op["value"]:
+                ports |= {p["port"] for p in op["value"]["ports"] if p.get("protocol", "TCP") == "TCP"}
+    return ports
+
+
+@pytest.mark.parametrize("overlay", ["two-zones", "dev"])
+def test_file_egress_admits_each_overlays_object_storage(overlay: str) -> None:
+    port = s3_port(overlay_config(overlay))
+    assert egress_allowed("file", None, port) or port in overlay_egress_ports(overlay, "file-egress")
+
+
+def test_only_the_file_service_has_its_egress_restricted() -> None:
+    # The others reach MongoDB, the collector and DNS at addresses the installation decides.
+    for name in set(DEPLOYMENTS) - {"file"}:
+        assert egress_allowed(name, None, 27017), f"{name}'s egress is restricted: list what it needs"
 
 
 # --- overlays ----------------------------------------------------------------------------------
@@ -661,6 +917,16 @@ def test_two_zones_prefers_distinct_nodes_for_every_service() -> None:
         ]
         assert [t["podAffinityTerm"]["topologyKey"] for t in terms] == [HOSTNAME]
         assert selects(terms[0]["podAffinityTerm"]["labelSelector"], labels_of(name))
+
+
+def test_two_zones_generates_no_device_keys_on_the_server() -> None:
+    [dep] = [
+        p for p in overlay_patches("two-zones") if p.get("kind") == "Deployment" and p["metadata"]["name"] == "device"
+    ]
+    # Merged by container name, so it must be the base's container.
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == containers(deployment("device"))[0]["name"]
+    assert env_value(container, "MEDMESH_DEVICE_CERTIFICATE_GENERATE") == "false"
 
 
 def test_dev_has_one_replica_and_no_autoscaling() -> None:
