@@ -16,6 +16,7 @@ import httpx
 
 from medmesh.launcher.config import BASE_PORTS, PlatformConfig
 from medmesh.launcher.supervisor import pid_alive, port_in_use
+from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 
 MEDMESH = [sys.executable, "-m", "medmesh.cli"]
 
@@ -104,8 +105,13 @@ class Platform:
         """For a service process a test starts itself: this platform's identity (for token
         keys), audit service, other peers and mesh credential."""
         internal = json.loads((self.state_dir / "internal-token.json").read_text())["token"]
-        env = {**os.environ, "MEDMESH_INTERNAL_TOKEN": internal}
-        for peer in ("identity", "audit", "organization", "patient", "device"):
+        env = {
+            **os.environ,
+            "MEDMESH_INTERNAL_TOKEN": internal,
+            "MEDMESH_DEVICE_CA_CERT_FILE": str(self.config.device_ca_cert),
+            "MEDMESH_DEVICE_CA_KEY_FILE": str(self.config.device_ca_key),
+        }
+        for peer in DEFAULT_GRPC_PORTS:
             env[f"MEDMESH_{peer.upper()}_ADDR"] = self.grpc_address(peer)
         return env
 
