@@ -33,10 +33,26 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _ephemeral_ports() -> range:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port_offset() -> int:
-    """An offset that moves every platform port onto free ones (beside a developer's `make up`)."""
-    candidates = list(range(1000, 15000, 100))
+    """An offset that moves every platform port onto free ones (beside a developer's `make up`).
+
+    Preferred: offsets that put as few platform ports as possible inside the ephemeral range,
+    where any outgoing connection on the machine (the platform's own, among others) may take
+    a port between the check and the bind.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [o for o in range(1000, 15400, 50) if max(BASE_PORTS.values()) + o <= 65535]
     random.shuffle(candidates)
+    candidates.sort(key=lambda o: sum(port + o in ephemeral for port in BASE_PORTS.values()))
     for offset in candidates:
         if not any(port_in_use(port + offset) for port in BASE_PORTS.values()):
             return offset
