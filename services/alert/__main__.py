@@ -8,10 +8,10 @@ import contextlib
 from medmesh.alert.v1 import alert_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
-from services.alert.devices import GrpcDeviceDirectory
 from services.alert.evaluation import RuleCache, RuleEvaluator
 from services.alert.repository import AlertRepository, AlertRuleRepository, RuleStateRepository
 from services.alert.service import AlertRuleService, AlertService
@@ -30,7 +30,9 @@ async def main() -> None:
     states = RuleStateRepository(database)
     # Audit events go to an outbox in this service's own database first; the flusher delivers them.
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
-    devices = GrpcDeviceDirectory(device_channel)
+    # Asked when a person raises an alert or names a device in a rule, never per observation:
+    # no cache, the answer is always the current assignment.
+    devices = GrpcDeviceDirectory(device_channel, cache_seconds=0)
     cache = RuleCache(rules)
     bindings = [
         ServiceBinding(

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+# Part of this domain's vocabulary; the one definition is shared by the data-plane services.
+from medmesh.runtime.directories import DeviceAssignment as DeviceAssignment
 from medmesh.runtime.errors import InvalidArgument
 from medmesh.runtime.resources import etag_of
 
@@ -164,21 +166,6 @@ class AlertDetails:
     severity: Severity | None = None
     title: str = ""
     description: str = ""
-
-
-@dataclass(frozen=True)
-class DeviceAssignment:
-    """Who owns a device's data now, as the device service answers `GetDeviceAssignment`."""
-
-    device: str
-    organization: str  # owner
-    care_organization: str  # "" when not assigned to a care organization
-    patient: str  # "" when not assigned
-
-    @property
-    def data_organization(self) -> str:
-        """The owner of everything the device produces or receives."""
-        return self.care_organization or self.organization
 
 
 def new_alert(organization: str, details: AlertDetails, at: datetime, alert_id: str = "") -> Alert:

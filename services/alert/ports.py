@@ -1,7 +1,7 @@
-"""What the alert service's use cases need of the world: its stores and the device service.
+"""What the alert service's use cases need of the world: its stores (the device service's port,
+`DeviceDirectory`, is shared: `medmesh.runtime.directories`).
 
-The repositories implement the stores over MongoDB, `GrpcDeviceDirectory` the directory over
-gRPC; the unit tests provide in-memory fakes of each.
+The repositories implement the stores over MongoDB; the unit tests provide in-memory fakes of each.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from medmesh.runtime.resources import ResourceStore
-from services.alert.domain import Alert, DeviceAssignment, RuleState
+from services.alert.domain import Alert, RuleState
 
 
 class AlertStore(ResourceStore[Alert], Protocol):
@@ -25,8 +25,3 @@ class RuleStateStore(Protocol):
     async def get(self, state_id: str) -> RuleState | None: ...
     async def save(self, state: RuleState) -> None: ...
     async def delete_for_rule(self, rule: str) -> None: ...
-
-
-class DeviceDirectory(Protocol):
-    async def assignment(self, device: str) -> DeviceAssignment | None:
-        """Who owns the device's data now; None if there is no such device."""

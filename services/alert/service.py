@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import ALL_ORGANIZATIONS, Principal, Role, current_principal
+from medmesh.runtime.directories import DeviceAssignment, DeviceDirectory
 from medmesh.runtime.errors import FailedPrecondition, FieldViolation, NotFound
 from medmesh.runtime.filtering import Condition, Converter, rfc3339_timestamp
 from medmesh.runtime.resources import (
@@ -35,7 +36,6 @@ from services.alert.domain import (
     AlertDetails,
     AlertRule,
     AlertState,
-    DeviceAssignment,
     RuleDetails,
     Severity,
     new_alert,
@@ -45,7 +45,7 @@ from services.alert.domain import (
     parse_rule_name,
 )
 from services.alert.evaluation import MAX_RULES_PER_ORGANIZATION, RuleCache
-from services.alert.ports import AlertStore, DeviceDirectory, RuleStateStore
+from services.alert.ports import AlertStore, RuleStateStore
 
 ALERT_WRITE_ROLES = (Role.ORGANIZATION_ADMIN, Role.CLINICIAN, Role.OPERATOR)  # raise by hand, clear
 ALERT_READ_ROLES = (Role.ORGANIZATION_ADMIN, Role.CLINICIAN, Role.OPERATOR, Role.PLATFORM_ADMIN)

@@ -7,10 +7,10 @@ import asyncio
 from medmesh.command.v1 import command_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
-from services.command.devices import CachedDeviceDirectory, GrpcDeviceDirectory
 from services.command.notifier import NoCommandNotifier
 from services.command.repository import CommandRepository, SessionRepository
 from services.command.service import CommandService
@@ -32,9 +32,9 @@ async def main() -> None:
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
     # Real-time push to connected devices is the MQTT adapter's (next issue): until then devices
     # get their commands from the pending list when they connect.
-    service = CommandService(
-        commands, sessions, CachedDeviceDirectory(GrpcDeviceDirectory(devices)), trail, NoCommandNotifier()
-    )
+    # A device registered a moment ago can receive commands at once: absences are not cached.
+    directory = GrpcDeviceDirectory(devices, cache_absent=False)
+    service = CommandService(commands, sessions, directory, trail, NoCommandNotifier())
     sweeper = DeadlineSweeper(service, sweep_seconds)
     bindings = [
         ServiceBinding(

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Principal, Role, acting_as, current_principal, internal_principal
+from medmesh.runtime.directories import DeviceAssignment, DeviceDirectory
 from medmesh.runtime.errors import (
     Aborted,
     DomainError,
@@ -31,7 +32,6 @@ from medmesh.runtime.errors import (
 )
 from medmesh.runtime.filtering import Condition, Converter, rfc3339_timestamp
 from medmesh.runtime.resources import ResourceStore, list_page, now
-from services.command.devices import DeviceAssignment, DeviceDirectory
 from services.command.domain import (
     START_COMMAND,
     Command,

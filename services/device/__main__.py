@@ -13,6 +13,7 @@ from medmesh.device.v1 import device_internal_service_pb2_grpc as internal_pb_gr
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcOrganizationDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
@@ -21,7 +22,6 @@ from services.device.credential_servicer import wire_credentials
 from services.device.domain import parse_name
 from services.device.internal import DeviceInternal
 from services.device.internal_servicer import INTERNAL_METHODS, DeviceInternalServicer
-from services.device.organizations import GrpcOrganizationDirectory
 from services.device.patients import GrpcPatientDirectory
 from services.device.repository import ConfigRepository, DeviceRepository, StatusRepository
 from services.device.service import DeviceService

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Principal, Role, current_principal
+from medmesh.runtime.directories import OrganizationDirectory, require_existing_organization
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -48,7 +49,6 @@ from services.device.domain import (
     require_serial,
     require_version,
 )
-from services.device.organizations import OrganizationDirectory
 from services.device.patients import PatientDirectory
 from services.device.status import DeviceStatus, StatusStore
 from services.device.twin import ConfigStore, DesiredConfig, DeviceConfig
@@ -154,7 +154,7 @@ class DeviceService:
         firmware_version = require_version(firmware_version.strip(), "device.firmware_version")
         hardware_version = require_version(hardware_version.strip(), "device.hardware_version")
         principal.require_access(organization, NAME_PREFIX + serial)
-        await self._require_existing_organization(organization, "device.organization")
+        await require_existing_organization(self._organizations, organization, "device.organization")
         at = now()
         device = Device(
             id=serial,
@@ -229,7 +229,7 @@ class DeviceService:
         updated = current.updated(changes, fields, now())
         if updated.organization != current.organization:
             principal.require_role(Role.PLATFORM_ADMIN, action="move devices between organizations")
-            await self._require_existing_organization(updated.organization, "device.organization")
+            await require_existing_organization(self._organizations, updated.organization, "device.organization")
         result = await replace_checked(self._store, updated, current)
         changed = result.changed_fields(current, fields)
         description = f"changed {', '.join(changed)}" if changed else "no field changed"
@@ -268,7 +268,7 @@ class DeviceService:
         if (target.care_organization, target.patient) == (current.care_organization, current.patient):
             return current
         if target.care_organization and target.care_organization != current.care_organization:
-            await self._require_existing_organization(target.care_organization, "care_organization")
+            await require_existing_organization(self._organizations, target.care_organization, "care_organization")
         if patient and patient != current.patient:
             await self._require_existing_patient(patient)
         updated = current.assigned(target.care_organization, target.patient, now())
@@ -351,15 +351,6 @@ class DeviceService:
         return DeviceStatus(device.name, session, await statuses.parts(device.state_key))
 
     # --- helpers ---------------------------------------------------------------------------------
-
-    async def _require_existing_organization(self, organization: str, field: str) -> None:
-        if not await self._organizations.exists(organization):
-            raise FailedPrecondition(
-                f"organization {organization!r} does not exist",
-                reason="ORGANIZATION_NOT_FOUND",
-                metadata={"organization": organization},
-                field_violations=[FieldViolation(field, "names an organization that does not exist")],
-            )
 
     async def _require_existing_patient(self, patient: str) -> None:
         patients = _wired(self._patients, "patient directory")

@@ -10,11 +10,11 @@ from medmesh.file.v1 import file_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.auth import acting_as, internal_principal
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from services.file.config import FileConfig
-from services.file.devices import GrpcDeviceDirectory
 from services.file.repository import FileRepository
 from services.file.service import SWEEP_BATCH, FileService
 from services.file.servicer import FileInternalServicer, FileServicer
@@ -67,7 +67,8 @@ async def main() -> None:
     repository = FileRepository(database)
     # Audit events go to an outbox in this service's own database first; the flusher delivers them.
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
-    service = FileService(repository, storage, GrpcDeviceDirectory(devices), trail, config.policy)
+    # Asked once per file created: no cache, a file goes to the device's organization at that moment.
+    service = FileService(repository, storage, GrpcDeviceDirectory(devices, cache_seconds=0), trail, config.policy)
     bindings = [
         ServiceBinding("medmesh.file.v1.FileService", FileServicer(service), pb_grpc.add_FileServiceServicer_to_server),
         ServiceBinding(

@@ -19,6 +19,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from urllib.parse import quote
 
+# Part of this domain's vocabulary; the one definition is shared by the data-plane services.
+from medmesh.runtime.directories import DeviceAssignment as DeviceAssignment
 from medmesh.runtime.errors import InvalidArgument
 from medmesh.runtime.resources import etag_of
 
@@ -399,18 +401,3 @@ def url_lifetime(until: datetime, at: datetime) -> timedelta | None:
     if remaining < timedelta(seconds=1):
         return None
     return min(remaining, MAX_URL_LIFETIME)
-
-
-@dataclass(frozen=True)
-class DeviceAssignment:
-    """`medmesh.device.v1.DeviceAssignment`: the shared contract of the data-plane services."""
-
-    device: str  # devices/{id}
-    organization: str  # owner, organizations/{o}
-    care_organization: str = ""  # organizations/{o}, or "" when not assigned to a care organization
-    patient: str = ""  # organizations/{o}/patients/{p}, or "" when not assigned
-
-    @property
-    def data_organization(self) -> str:
-        """Owner of everything the device produces: its care organization, else its owner."""
-        return self.care_organization or self.organization

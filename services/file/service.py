@@ -32,6 +32,7 @@ from typing import Protocol
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import ALL_ORGANIZATIONS, Principal, Role, current_principal
+from medmesh.runtime.directories import DeviceAssignment, DeviceDirectory
 from medmesh.runtime.errors import (
     AlreadyExists,
     DomainError,
@@ -48,7 +49,6 @@ from services.file.domain import (
     DEVICE_PATTERN,
     PATIENT_PATTERN,
     SIZE_MISMATCH,
-    DeviceAssignment,
     Ending,
     File,
     FileDraft,
@@ -75,11 +75,6 @@ WRITERS = (Role.PLATFORM_ADMIN, Role.ORGANIZATION_ADMIN, Role.CLINICIAN, Role.OP
 # On top of WRITERS, to delete a file whose content was verified.
 DELETE_AVAILABLE_ROLES = (Role.PLATFORM_ADMIN, Role.ORGANIZATION_ADMIN)
 SWEEP_BATCH = 100
-
-
-class DeviceDirectory(Protocol):
-    async def assignment(self, device: str) -> DeviceAssignment | None:
-        """The device's assignment, None if it does not exist; Unavailable if the registry cannot answer."""
 
 
 class FileStore(ResourceStore[File], Protocol):

@@ -8,11 +8,11 @@ import contextlib
 from medmesh.observation.v1 import observation_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
+from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from services.observation.alerts import BestEffortAlertEvaluator, GrpcAlertEvaluator
-from services.observation.devices import CachedDeviceDirectory, GrpcDeviceDirectory
 from services.observation.repository import ObservationRepository
 from services.observation.service import ObservationService
 from services.observation.servicer import WRITE_OBSERVATIONS, ObservationInternalServicer, ObservationServicer
@@ -30,7 +30,8 @@ async def main() -> None:
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
     service = ObservationService(
         repository,
-        CachedDeviceDirectory(GrpcDeviceDirectory(devices_channel)),
+        # One lookup per batch, and the adapter may send a batch per message: answers are cached.
+        GrpcDeviceDirectory(devices_channel),
         # Ingest never waits on, or fails because of, the alert service.
         BestEffortAlertEvaluator(GrpcAlertEvaluator(alerts_channel)),
         trail,

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+# Part of this domain's vocabulary; the one definition is shared by the data-plane services.
+from medmesh.runtime.directories import DeviceAssignment as DeviceAssignment
 from medmesh.runtime.errors import InvalidArgument
 
 DEVICE_PREFIX = "devices/"
@@ -95,20 +97,6 @@ class Observation:
     @property
     def name(self) -> str:
         return self.device + COLLECTION + self.id
-
-
-@dataclass(frozen=True)
-class DeviceAssignment:
-    """Who owns a device's data now (the device registry's answer)."""
-
-    device: str
-    organization: str  # owner
-    care_organization: str = ""
-    patient: str = ""
-
-    @property
-    def data_organization(self) -> str:
-        return self.care_organization or self.organization
 
 
 class Outcome(StrEnum):

@@ -28,12 +28,12 @@ from typing import Protocol
 
 from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Principal, Role, current_principal
+from medmesh.runtime.directories import DeviceAssignment, DeviceDirectory
 from medmesh.runtime.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
 from medmesh.runtime.filtering import Comparison, Condition, Converter, parse_filter, rfc3339_timestamp
 from medmesh.runtime.pagination import encode_token, page_request
 from medmesh.runtime.resources import now
 from services.observation.alerts import AlertEvaluator, ObservationSample
-from services.observation.devices import DeviceDirectory
 from services.observation.domain import (
     MAX_BATCH,
     METRIC_PATTERN,
@@ -42,7 +42,6 @@ from services.observation.domain import (
     AggregationRequest,
     Aggregator,
     BatchResult,
-    DeviceAssignment,
     ItemResult,
     Observation,
     ObservationBin,

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,12 +17,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 
 from medmesh.audit.v1 import audit_service_pb2 as pb
 from medmesh.audit.v1 import audit_service_pb2_grpc as pb_grpc
-from medmesh.launcher.config import FERRETDB_VERSION
 from medmesh.runtime.audit import AuditActor, AuditEvent, Outcome, new_event_id
 from medmesh.runtime.audit_outbox import OUTBOX_COLLECTION, OutboxAuditTrail, event_to_document, event_to_pb
 from medmesh.runtime.auth import Principal, Role, acting_as
@@ -34,77 +29,20 @@ from medmesh.runtime.mongo import Document
 from services.audit.repository import AuditEventRepository
 from services.audit.service import AuditService
 from tests.integration.platform import free_ports
+from tests.integration.stores import ServiceProcess, ferretdb
 
 INTERNAL_TOKEN = "audit-outbox-test-credential"
 INGEST = "medmesh.audit.v1.AuditIngestService"
-SERVING = health_pb2.HealthCheckResponse.SERVING
 Client = AsyncMongoClient[Document]
-
-
-def ferretdb_binary() -> Path:
-    cache = Path(os.environ.get("MEDMESH_CACHE_DIR", "").strip() or Path.home() / ".cache" / "medmesh")
-    return cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = ferretdb_binary()
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"FerretDB is not installed at {binary}: run `make setup`")
-    data = tmp_path_factory.mktemp("ferretdb")
-    port, debug_port = free_ports(2)
-    log = (data / "ferretdb.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(binary),
-            "--handler=sqlite",
-            f"--sqlite-url=file:{data}/",
-            f"--state-dir={data}",
-            f"--listen-addr=127.0.0.1:{port}",
-            f"--debug-addr=127.0.0.1:{debug_port}",
-            "--telemetry=disable",
-            "--log-level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"mongodb://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 20
-        while not _pings(uri):
-            assert process.poll() is None, (data / "ferretdb.log").read_text()
-            assert time.monotonic() < deadline, "FerretDB did not come up"
-            time.sleep(0.1)
+    with ferretdb(tmp_path_factory.mktemp("ferretdb")) as uri:
         yield uri
-    finally:
-        stop(process)
-        log.close()
 
 
-def _pings(uri: str) -> bool:
-    from pymongo import MongoClient
-
-    client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=300)
-    try:
-        client.admin.command("ping")
-        return True
-    except Exception:  # not up yet
-        return False
-    finally:
-        client.close()
-
-
-class AuditProcess:
+class AuditProcess(ServiceProcess):
     """`python -m services.audit` on a free port, with its own database and no identity service."""
 
     def __init__(self, mongodb_uri: str, database: str, port: int, log_path: Path) -> None:
@@ -119,30 +57,7 @@ class AuditProcess:
             "MEDMESH_HEALTH_INTERVAL_SECONDS": "0.3",
             "MEDMESH_SHUTDOWN_GRACE_SECONDS": "3",
         }
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.audit"], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.address = f"127.0.0.1:{port}"
-
-    def wait_serving(self, within: float = 30) -> None:
-        deadline = time.monotonic() + within
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, self.log_path.read_text()
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=INGEST), timeout=1).status == SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"the audit service never became SERVING:\n{self.log_path.read_text()}")
-
-    def close(self) -> None:
-        stop(self.process)
-        self._log.close()
+        super().__init__("services.audit", env, port, INGEST, log_path)
 
 
 AuditFactory = Callable[[], AuditProcess]

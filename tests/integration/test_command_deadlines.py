@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,87 +22,30 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient
 
 from medmesh.command.v1 import command_service_pb2 as pb
 from medmesh.command.v1 import command_service_pb2_grpc as pb_grpc
-from medmesh.launcher.config import FERRETDB_VERSION
 from medmesh.runtime.mongo import Document
 from medmesh.runtime.resources import now
 from services.command.domain import Command, CommandRequest, CommandState, new_command
 from services.command.repository import CommandRepository
 from tests.integration.platform import free_ports
+from tests.integration.stores import ServiceProcess, ferretdb
 
 INTERNAL_TOKEN = "command-deadlines-test-credential"
 INTERNAL = "medmesh.command.v1.CommandInternalService"
 ADAPTER = [("x-medmesh-internal", INTERNAL_TOKEN), ("x-medmesh-caller", "mqtt_adapter")]
 SWEEP_SECONDS = 0.2
-SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def _ferretdb_binary() -> Path:
-    cache = Path(os.environ.get("MEDMESH_CACHE_DIR", "").strip() or Path.home() / ".cache" / "medmesh")
-    return cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
-
-
-def _pings(uri: str) -> bool:
-    client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=300)
-    try:
-        client.admin.command("ping")
-        return True
-    except Exception:  # not up yet
-        return False
-    finally:
-        client.close()
-
-
-def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
 def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = _ferretdb_binary()
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"FerretDB is not installed at {binary}: run `make setup`")
-    data = tmp_path_factory.mktemp("ferretdb-commands")
-    port, debug_port = free_ports(2)
-    log = (data / "ferretdb.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(binary),
-            "--handler=sqlite",
-            f"--sqlite-url=file:{data}/",
-            f"--state-dir={data}",
-            f"--listen-addr=127.0.0.1:{port}",
-            f"--debug-addr=127.0.0.1:{debug_port}",
-            "--telemetry=disable",
-            "--log-level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"mongodb://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 20
-        while not _pings(uri):
-            assert process.poll() is None, (data / "ferretdb.log").read_text()
-            assert time.monotonic() < deadline, "FerretDB did not come up"
-            time.sleep(0.1)
+    with ferretdb(tmp_path_factory.mktemp("ferretdb-commands")) as uri:
         yield uri
-    finally:
-        _stop(process)
-        log.close()
 
 
-class CommandProcess:
+class CommandProcess(ServiceProcess):
     """`python -m services.command` on a free port; its peers (identity, device, audit) are left unreachable."""
 
     def __init__(self, mongodb_uri: str, database: str, log_path: Path) -> None:
@@ -121,34 +61,7 @@ class CommandProcess:
             "MEDMESH_SHUTDOWN_GRACE_SECONDS": "2",
             **{f"MEDMESH_{peer}_ADDR": f"127.0.0.1:{unreachable}" for peer in ("IDENTITY", "DEVICE", "AUDIT")},
         }
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.command"], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.address = f"127.0.0.1:{port}"
-
-    def wait_serving(self, within: float = 30) -> None:
-        deadline = time.monotonic() + within
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, self.log_path.read_text()
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(service=INTERNAL), timeout=1).status == SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"the command service never became SERVING:\n{self.log_path.read_text()}")
-
-    def kill(self) -> None:
-        """A crash: no graceful shutdown, nothing flushed."""
-        _stop(self.process, signal.SIGKILL)
-
-    def close(self) -> None:
-        _stop(self.process)
-        self._log.close()
+        super().__init__("services.command", env, port, INTERNAL, log_path)
 
     def commands_swept(self) -> int:
         """What this process's sweeper says it changed, from its JSON log."""

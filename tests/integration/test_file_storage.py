@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from services.file.domain import MIB, FileDraft, FilePolicy, FileState
 from services.file.service import FileService
 from services.file.storage import S3FileStorage
 from tests.integration.platform import free_ports
+from tests.integration.stores import stop
 from tests.unit.test_file_fakes import Clock, FakeDeviceDirectory, FakeFileStore
 
 ACCESS_KEY = "file-test"
@@ -66,16 +66,6 @@ class SeaweedFS:
     endpoint: str  # 127.0.0.1:<s3 port>, for the service
     public_endpoint: str  # http://localhost:<s3 port>, for clients
     process: subprocess.Popen[bytes]
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +102,7 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         wait_for_s3(endpoint, process, root / "weed.log")
         yield SeaweedFS(endpoint, f"http://localhost:{ports['s3.port']}", process)
     finally:
-        stop(process)
+        stop(process, timeout=20, group=True)
     with pytest.raises(ProcessLookupError):  # nothing of it is left: weed mini's children neither
         os.killpg(process.pid, 0)
 

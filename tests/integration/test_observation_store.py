@@ -10,28 +10,26 @@ fakes do. Timings are printed (`pytest -s`) as a rough measure, not asserted.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from pymongo import AsyncMongoClient, MongoClient
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from medmesh.launcher.config import FERRETDB_VERSION
 from medmesh.runtime.audit import RecordingAuditTrail
 from medmesh.runtime.auth import Principal, Role, acting_as
+from medmesh.runtime.directories import DeviceAssignment
 from medmesh.runtime.filtering import Comparison, Condition
 from medmesh.runtime.mongo import Document
-from services.observation.domain import DeviceAssignment, Observation, ObservationDraft, validate
+from services.observation.domain import Observation, ObservationDraft, validate
 from services.observation.repository import ObservationRepository
 from services.observation.service import ObservationService
-from tests.integration.platform import free_ports
+from tests.integration.stores import ferretdb
 from tests.unit.test_observation_fakes import FakeDeviceDirectory, RecordingAlertEvaluator
 
 ORG_A, ORG_B = "organizations/a", "organizations/b"
@@ -43,59 +41,10 @@ NOW = T0 + timedelta(days=1)
 CLINICIAN_A = Principal("organizations/a/users/c", ORG_A, Role.CLINICIAN)
 
 
-def ferretdb_binary() -> Path:
-    cache = Path(os.environ.get("MEDMESH_CACHE_DIR", "").strip() or Path.home() / ".cache" / "medmesh")
-    return cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
-
-
-def _pings(uri: str) -> bool:
-    client: MongoClient[Document] = MongoClient(uri, serverSelectionTimeoutMS=300)
-    try:
-        client.admin.command("ping")
-        return True
-    except Exception:  # not up yet
-        return False
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="module")
 def mongodb_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = ferretdb_binary()
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"FerretDB is not installed at {binary}: run `make setup`")
-    data = tmp_path_factory.mktemp("ferretdb-observation")
-    port, debug_port = free_ports(2)
-    with (data / "ferretdb.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(binary),
-                "--handler=sqlite",
-                f"--sqlite-url=file:{data}/",
-                f"--state-dir={data}",
-                f"--listen-addr=127.0.0.1:{port}",
-                f"--debug-addr=127.0.0.1:{debug_port}",
-                "--telemetry=disable",
-                "--log-level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        uri = f"mongodb://127.0.0.1:{port}/"
-        try:
-            deadline = time.monotonic() + 20
-            while not _pings(uri):
-                assert process.poll() is None, (data / "ferretdb.log").read_text()
-                assert time.monotonic() < deadline, "FerretDB did not come up"
-                time.sleep(0.1)
-            yield uri
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with ferretdb(tmp_path_factory.mktemp("ferretdb-observation")) as uri:
+        yield uri
 
 
 @pytest.fixture

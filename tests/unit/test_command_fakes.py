@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from medmesh.runtime.directories import DeviceAssignment
 from medmesh.runtime.errors import Unavailable
 from medmesh.runtime.resources import R
-from services.command.devices import DeviceAssignment
 from services.command.domain import (
     Command,
     CommandRequest,

@@ -10,6 +10,7 @@ import pytest
 
 from medmesh.runtime.audit import AuditEvent, RecordingAuditTrail
 from medmesh.runtime.auth import Principal, Role, acting_as, internal_principal
+from medmesh.runtime.directories import DeviceAssignment
 from medmesh.runtime.errors import (
     AlreadyExists,
     DomainError,
@@ -21,7 +22,6 @@ from medmesh.runtime.errors import (
     Unavailable,
 )
 from services.command import service as service_module
-from services.command.devices import DeviceAssignment
 from services.command.domain import (
     START_COMMAND,
     Command,

@@ -17,8 +17,8 @@ from medmesh.command.v1 import command_service_pb2 as pb
 from medmesh.command.v1 import command_service_pb2_grpc as pb_grpc
 from medmesh.runtime.audit import RecordingAuditTrail
 from medmesh.runtime.auth import INTERNAL_HEADER, Authenticator, Principal, Role, TokenVerifier
+from medmesh.runtime.directories import DeviceAssignment
 from medmesh.runtime.interceptors import RequestInterceptor
-from services.command.devices import DeviceAssignment
 from services.command.domain import CommandRequest, CommandState, SessionState, new_command
 from services.command.service import CommandService
 from services.command.servicer import (

@@ -1,4 +1,4 @@
-"""The deadline sweeper loop, its setting, and the device directory cache."""
+"""The deadline sweeper loop and its setting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from medmesh.runtime.audit import RecordingAuditTrail
 from medmesh.runtime.auth import acting_as, internal_principal
-from services.command.devices import CachedDeviceDirectory, DeviceAssignment
 from services.command.domain import CommandRequest, CommandState, new_command
 from services.command.service import CommandService, SweepResult
 from services.command.sweeper import DEFAULT_SWEEP_SECONDS, SWEEP_SECONDS_ENV, DeadlineSweeper, sweep_seconds_from_env
@@ -126,23 +125,3 @@ async def test_the_started_loop_acts_as_the_sweeper_not_as_the_caller_that_start
 
     assert commands.items[command.id].state is CommandState.EXPIRED
     assert [e.actor.subject for e in trail.events] == ["internal:command-sweeper"]
-
-
-async def test_the_device_cache_remembers_existing_devices_only() -> None:
-    ticks = Ticks()
-    directory = FakeDeviceDirectory([DeviceAssignment("devices/SN-1", "organizations/a")])
-    cached = CachedDeviceDirectory(directory, ttl=5.0, clock=ticks)
-
-    await cached.assignment("devices/SN-1")
-    await cached.assignment("devices/SN-1")
-    await cached.assignment("devices/new")
-    await cached.assignment("devices/new")
-    ticks.now = 5.0
-    await cached.assignment("devices/SN-1")
-
-    assert directory.asked == ["devices/SN-1", "devices/new", "devices/new", "devices/SN-1"]
-
-
-def test_the_data_organization_is_the_care_organization_else_the_owner() -> None:
-    assert DeviceAssignment("devices/x", "organizations/m", "organizations/c").data_organization == "organizations/c"
-    assert DeviceAssignment("devices/x", "organizations/m").data_organization == "organizations/m"

@@ -21,6 +21,7 @@ from medmesh.patient.v1 import patient_service_pb2_grpc as patient_pb_grpc
 from medmesh.runtime.audit import RecordingAuditTrail
 from medmesh.runtime.auth import Authenticator, Principal, Role, TokenVerifier, acting_as, internal_principal
 from medmesh.runtime.clients import peer_channel
+from medmesh.runtime.directories import GrpcOrganizationDirectory
 from medmesh.runtime.errors import (
     Aborted,
     DomainError,
@@ -35,7 +36,6 @@ from medmesh.runtime.resources import now
 from services.device.domain import Device, DeviceChanges
 from services.device.internal import DeviceInternal
 from services.device.internal_servicer import DeviceInternalServicer
-from services.device.organizations import GrpcOrganizationDirectory
 from services.device.patients import GrpcPatientDirectory
 from services.device.service import DeviceService
 from services.device.servicer import DeviceServicer

@@ -22,6 +22,7 @@ from medmesh.organization.v1 import organization_service_pb2_grpc as organizatio
 from medmesh.runtime.audit import AuditActor, RecordingAuditTrail
 from medmesh.runtime.auth import Authenticator, Principal, Role, TokenVerifier, acting_as, current_principal
 from medmesh.runtime.clients import peer_channel
+from medmesh.runtime.directories import GrpcOrganizationDirectory
 from medmesh.runtime.errors import (
     Aborted,
     AlreadyExists,
@@ -34,7 +35,6 @@ from medmesh.runtime.errors import (
 from medmesh.runtime.interceptors import RequestInterceptor
 from medmesh.runtime.resources import now
 from services.device.domain import Device, DeviceChanges
-from services.device.organizations import GrpcOrganizationDirectory
 from services.device.service import DeviceService
 from services.device.servicer import DeviceServicer
 from services.organization.domain import Organization, OrganizationKind

@@ -1,5 +1,6 @@
-"""The observation service's ports to its peers: the device directory (cached) and alert evaluation
-(best effort), and their gRPC adapters against in-process servers speaking the peers' contracts."""
+"""The observation service's port to the alert service: best-effort evaluation, and its gRPC adapter
+against an in-process server speaking the alert contract. (The device directory is shared:
+tests/unit/test_runtime_directories.py.)"""
 
 from __future__ import annotations
 
@@ -13,18 +14,13 @@ import pytest
 
 from medmesh.alert.v1 import alert_service_pb2 as alert_pb
 from medmesh.alert.v1 import alert_service_pb2_grpc as alert_pb_grpc
-from medmesh.device.v1 import device_internal_service_pb2 as device_pb
-from medmesh.device.v1 import device_internal_service_pb2_grpc as device_pb_grpc
 from medmesh.runtime.errors import Unavailable
 from services.observation.alerts import BestEffortAlertEvaluator, GrpcAlertEvaluator, ObservationSample
-from services.observation.devices import CachedDeviceDirectory, GrpcDeviceDirectory
-from services.observation.domain import DeviceAssignment
 from tests.integration.platform import free_ports
-from tests.unit.test_observation_fakes import FakeDeviceDirectory, RecordingAlertEvaluator
+from tests.unit.test_observation_fakes import RecordingAlertEvaluator
 
 AT = datetime(2026, 3, 1, 12, 0, 0, 250000, tzinfo=UTC)
 DEVICE = "devices/SN-1"
-ASSIGNMENT = DeviceAssignment(DEVICE, "organizations/maker", "organizations/a", "organizations/a/patients/p1")
 SAMPLE = ObservationSample(DEVICE, "organizations/a", "organizations/a/patients/p1", "heart_rate", 151.5, AT)
 
 
@@ -34,51 +30,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-# --- device directory -----------------------------------------------------------------------------
-
-
-async def test_answers_are_cached_for_a_few_seconds() -> None:
-    clock = Clock()
-    directory = FakeDeviceDirectory(ASSIGNMENT)
-    cached = CachedDeviceDirectory(directory, ttl=5.0, clock=clock)
-
-    assert await cached.assignment(DEVICE) == ASSIGNMENT
-    assert await cached.assignment("devices/unknown") is None
-    clock.now += 4.9
-    assert await cached.assignment(DEVICE) == ASSIGNMENT
-    assert await cached.assignment("devices/unknown") is None
-    assert directory.asked == [DEVICE, "devices/unknown"]
-
-    # A reassignment shows after the cache time.
-    directory.assignments[DEVICE] = DeviceAssignment(DEVICE, "organizations/maker", "organizations/b")
-    clock.now += 0.1
-    assert (await cached.assignment(DEVICE) or ASSIGNMENT).care_organization == "organizations/b"
-    assert directory.asked == [DEVICE, "devices/unknown", DEVICE]
-
-
-async def test_failures_are_not_cached() -> None:
-    directory = FakeDeviceDirectory(ASSIGNMENT, unavailable=True)
-    cached = CachedDeviceDirectory(directory, clock=Clock())
-
-    with pytest.raises(Unavailable):
-        await cached.assignment(DEVICE)
-    directory.unavailable = False
-    assert await cached.assignment(DEVICE) == ASSIGNMENT
-
-
-async def test_the_cache_is_bounded() -> None:
-    clock = Clock()
-    directory = FakeDeviceDirectory(*(DeviceAssignment(f"devices/d{i}", "organizations/a") for i in range(10)))
-    cached = CachedDeviceDirectory(directory, clock=clock, max_entries=4)
-
-    for i in range(10):
-        await cached.assignment(f"devices/d{i}")
-
-    assert len(cached._entries) <= 4
-    assert await cached.assignment("devices/d9") == DeviceAssignment("devices/d9", "organizations/a")
-    assert directory.asked.count("devices/d9") == 1
 
 
 # --- alert evaluation, best effort ----------------------------------------------------------------
@@ -174,30 +125,3 @@ async def test_grpc_alert_evaluator_reports_an_unreachable_peer_as_unavailable()
         with pytest.raises(Unavailable) as caught:
             await GrpcAlertEvaluator(channel, timeout=0.5).evaluate([SAMPLE])
     assert caught.value.reason == "ALERT_SERVICE_UNAVAILABLE"
-
-
-async def test_grpc_device_directory_reads_the_assignment(serve: Any) -> None:
-    class DeviceInternal(device_pb_grpc.DeviceInternalServiceServicer):  # type: ignore[misc]
-        async def GetDeviceAssignment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if request.device != DEVICE:
-                await context.abort(grpc.StatusCode.NOT_FOUND, "no such device")
-            return device_pb.DeviceAssignment(
-                device=DEVICE,
-                organization="organizations/maker",
-                care_organization="organizations/a",
-                patient="organizations/a/patients/p1",
-            )
-
-    channel = await serve(lambda s: device_pb_grpc.add_DeviceInternalServiceServicer_to_server(DeviceInternal(), s))
-    directory = GrpcDeviceDirectory(channel)
-
-    assert await directory.assignment(DEVICE) == ASSIGNMENT
-    assert await directory.assignment("devices/unknown") is None
-
-
-async def test_grpc_device_directory_reports_an_unreachable_peer_as_unavailable() -> None:
-    (port,) = free_ports(1)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        with pytest.raises(Unavailable) as caught:
-            await GrpcDeviceDirectory(channel, timeout=0.5).assignment(DEVICE)
-    assert caught.value.reason == "DEVICE_SERVICE_UNAVAILABLE"
