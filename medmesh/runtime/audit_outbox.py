@@ -40,6 +40,7 @@ from medmesh.runtime.audit import AuditActor, AuditEvent, Outcome
 from medmesh.runtime.errors import InvalidArgument
 from medmesh.runtime.mongo import Document
 from medmesh.runtime.protoconv import timestamp
+from medmesh.runtime.tasks import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class OutboxAuditTrail:
 
     async def _deliver_forever(self) -> None:
         backoff = 0.0
-        while True:
+        while not stop_requested():
             try:
                 await self._deliver_pending()
             except Exception as error:  # any failure is an outage to wait out; the loop must live on

@@ -22,6 +22,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from medmesh.runtime.auth import Authenticator
 from medmesh.runtime.interceptors import RequestInterceptor
 from medmesh.runtime.settings import Settings
+from medmesh.runtime.tasks import stop_requested
 from medmesh.runtime.telemetry import configure_logging, configure_tracing
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class HealthReporter:
         return serving
 
     async def run(self) -> None:
-        while True:
+        while not stop_requested():
             await self.probe()
             await asyncio.sleep(self._interval)
 

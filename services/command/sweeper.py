@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from medmesh.runtime.tasks import stop_requested
 from services.command.service import CommandService
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class DeadlineSweeper:
 
     async def run(self) -> None:
         """Sweeps at once, then every interval (jittered) until cancelled."""
-        while True:
+        while not stop_requested():
             await self.sweep_once()
             await self._sleep(self._interval * random.uniform(1 - JITTER, 1 + JITTER))
 

@@ -31,6 +31,7 @@ from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Role, current_principal
 from medmesh.runtime.errors import InvalidArgument
 from medmesh.runtime.resources import now
+from medmesh.runtime.tasks import stop_requested
 from services.device.certificates import Clock, DeviceRegistry, authorize_device, require_internal
 from services.device.domain import NAME_PREFIX
 from services.device.domain import parse_name as parse_device_name
@@ -182,7 +183,7 @@ class TemporaryCredentialService:
 
     async def run_sweeper(self, interval_seconds: float = SWEEP_INTERVAL_SECONDS) -> None:
         """Sweeps every `interval_seconds` until cancelled; a failed sweep is logged and retried."""
-        while True:
+        while not stop_requested():
             try:
                 swept = await self.sweep_expired()
                 if swept:

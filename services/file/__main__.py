@@ -14,6 +14,7 @@ from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
+from medmesh.runtime.tasks import stop_requested
 from services.file.config import FileConfig
 from services.file.repository import FileRepository
 from services.file.service import SWEEP_BATCH, FileService
@@ -33,7 +34,7 @@ async def sweep_forever(service: FileService, interval: float) -> None:
 
     Every replica runs it: settlements make concurrent sweeps of one file harmless.
     """
-    while True:
+    while not stop_requested():
         await asyncio.sleep(interval)
         try:
             with acting_as(internal_principal("file-sweeper")):

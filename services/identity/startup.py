@@ -16,6 +16,7 @@ from medmesh.runtime.audit import AuditTrail, audit
 from medmesh.runtime.auth import Role, acting_as, internal_principal
 from medmesh.runtime.errors import AlreadyExists, DomainError
 from medmesh.runtime.resources import now
+from medmesh.runtime.tasks import stop_requested
 from services.identity.domain import User, normalize_username, require_password
 from services.identity.passwords import Passwords
 from services.identity.ports import LoginFailureStore, RefreshTokenStore, UserStore
@@ -120,7 +121,7 @@ class Maintenance:
         await self._failures.purge(at - LOGIN_FAILURE_MEMORY)
 
     async def run(self) -> None:
-        while True:
+        while not stop_requested():
             try:
                 await self.run_once()
             except Exception:  # a database hiccup must not end the upkeep for good
