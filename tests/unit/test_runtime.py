@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import re
 import time
@@ -43,6 +45,7 @@ from medmesh.runtime.interceptors import RequestInterceptor, to_rpc_status, vali
 from medmesh.runtime.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest, encode_token, page_request
 from medmesh.runtime.protoconv import timestamp
 from medmesh.runtime.resources import check_etag, etag_of, now, page_of, resolve_update_mask
+from medmesh.runtime.tasks import stop_requested
 from services.device import servicer as device_servicer
 from services.device.domain import Device
 from services.organization import servicer as organization_servicer
@@ -647,3 +650,27 @@ def test_device_to_pb() -> None:
     assert_timestamp(message.update_time, UPDATED)
     assert message.etag == etag_of("SN-1", 2)
     assert message.etag != device_servicer.to_pb(Device("SN-1", "organizations/a", "", "", CREATED, UPDATED, 3)).etag
+
+
+# --- background loops -----------------------------------------------------------------------------
+
+
+async def test_a_loop_stops_when_cancelled_even_if_a_library_swallows_the_cancellation() -> None:
+    rounds = 0
+
+    async def swallowing_call() -> None:
+        # What PyMongo's server selection does with a cancellation while the database is down.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0.05)
+
+    async def loop() -> None:
+        nonlocal rounds
+        while not stop_requested():
+            rounds += 1
+            await swallowing_call()
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.12)
+    task.cancel()
+    await asyncio.wait_for(task, 1)  # returns instead of looping on
+    assert rounds >= 2
