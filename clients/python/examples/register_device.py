@@ -1,9 +1,10 @@
 """Register an organization and a device over native gRPC through the gateway.
 
-    .venv/bin/python clients/python/examples/register_device.py SN-0042
+    MEDMESH_TOKEN=$(.venv/bin/medmesh token) .venv/bin/python clients/python/examples/register_device.py SN-0042
 
-Uses the local CA from `medmesh init`; set MEDMESH_GATEWAY (host:port) and MEDMESH_CA for another
-platform.
+Every call carries a bearer token (here the first platform admin's, from `medmesh token`; an
+integration would log in with a service account key: POST /v1/auth:login). Uses the local CA from
+`medmesh init`; set MEDMESH_GATEWAY (host:port) and MEDMESH_CA for another platform.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[3]
 def main(serial: str) -> None:
     gateway = os.environ.get("MEDMESH_GATEWAY", "localhost:8443")
     ca = Path(os.environ.get("MEDMESH_CA", ROOT / ".medmesh" / "tls" / "ca.crt"))
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    token = os.environ.get("MEDMESH_TOKEN", "")
+    if not token:
+        sys.exit("set MEDMESH_TOKEN, for example MEDMESH_TOKEN=$(.venv/bin/medmesh token)")
+    credentials = grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()),
+        grpc.access_token_call_credentials(token),  # sent as "authorization: Bearer <token>"
+    )
     with grpc.secure_channel(gateway, credentials) as channel:
         organization = org_grpc.OrganizationServiceStub(channel).CreateOrganization(
             org_pb.CreateOrganizationRequest(organization=org_pb.Organization(display_name="Example clinic")),
