@@ -12,35 +12,19 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from medmesh.runtime.audit import AuditActor, RecordingAuditTrail
-from medmesh.runtime.auth import Principal, Role, acting_as, internal_principal
+from medmesh.runtime.audit import RecordingAuditTrail
+from medmesh.runtime.auth import Role, acting_as, internal_principal
 from medmesh.runtime.errors import DomainError, InvalidArgument, NotFound, Unauthenticated
 from medmesh.runtime.resources import now
 from services.organization.domain import Organization, OrganizationChanges, OrganizationKind
 from services.organization.service import OrganizationService
+from tests.unit.access import ACCESS, ALLOWED, HOME, MANUFACTURER, OTHER, ROLE, actor_of, matrix_params, member
 from tests.unit.fakes import InMemoryRepository
 
 MANUFACTURER_ID = "manufacturer"
-MANUFACTURER = "organizations/manufacturer"
-HOME = "organizations/clinic-a"
-OTHER = "organizations/clinic-b"
 GHOST = "organizations/ghost"
 
 ROLES = list(Role)
-ALLOWED = "ALLOWED"
-ROLE = "ROLE_NOT_ALLOWED"
-ACCESS = "ORGANIZATION_ACCESS_DENIED"
-
-
-def member(role: Role, organization: str = "") -> Principal:
-    """A user with `role`; platform admins live in the manufacturer organization."""
-    organization = organization or (MANUFACTURER if role is Role.PLATFORM_ADMIN else HOME)
-    patient = f"{organization}/patients/p-1" if role is Role.PATIENT else ""
-    return Principal(f"{organization}/users/{role.value}", organization, role, patient=patient)
-
-
-def actor_of(principal: Principal) -> AuditActor:
-    return AuditActor(principal.subject, principal.organization, str(principal.role))
 
 
 def a_care_provider(organization_id: str) -> Organization:
@@ -134,12 +118,7 @@ def test_the_matrix_covers_every_method_and_role() -> None:
 
 @pytest.mark.parametrize(
     ("method", "role", "whose", "expected"),
-    [
-        pytest.param(method, role, whose, outcomes[index], id=f"{method}-{role.value}-{whose}")
-        for method, row in MATRIX.items()
-        for role, outcomes in row.items()
-        for index, whose in enumerate(("own", "other"))
-    ],
+    matrix_params(MATRIX),
 )
 async def test_access_matrix(
     service: OrganizationService,
