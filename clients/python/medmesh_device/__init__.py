@@ -1,0 +1,1 @@
+"""medmesh device SDK (asyncio): see docs/device-protocol.md."""
