@@ -15,7 +15,7 @@ from medmesh.runtime.settings import Settings
 from services.observation.alerts import BestEffortAlertEvaluator, GrpcAlertEvaluator
 from services.observation.repository import ObservationRepository
 from services.observation.service import ObservationService
-from services.observation.servicer import WRITE_OBSERVATIONS, ObservationInternalServicer, ObservationServicer
+from services.observation.servicer import INTERNAL_METHODS, ObservationInternalServicer, ObservationServicer
 
 
 async def main() -> None:
@@ -70,7 +70,7 @@ async def main() -> None:
         on_start=start,
         on_stop=stop,
         # Device telemetry from the MQTT adapter carries the mesh credential, not a user token.
-        authenticator=service_authenticator(identity, internal_methods=frozenset({WRITE_OBSERVATIONS})),
+        authenticator=service_authenticator(identity, internal_methods=INTERNAL_METHODS),
     )
 
 

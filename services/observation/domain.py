@@ -36,6 +36,7 @@ UNIT_PATTERN = re.compile(r"^[!-~]{0,64}$")  # UCUM codes are printable ASCII wi
 SESSION_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9/._-]{0,255})?$")
 
 MAX_BATCH = 500
+MAX_MULTI_DEVICE_BATCH = 2000  # observations in one BatchWriteObservations, all devices together
 MAX_STRING_VALUE = 1024
 MAX_WAVEFORM_SAMPLES = 10_000
 MAX_SAMPLE_RATE_HZ = 1_000_000.0

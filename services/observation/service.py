@@ -20,8 +20,9 @@ of observations are not audited: they hold no PHI (patients appear as opaque nam
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -36,6 +37,7 @@ from medmesh.runtime.resources import now
 from services.observation.alerts import AlertEvaluator, ObservationSample
 from services.observation.domain import (
     MAX_BATCH,
+    MAX_MULTI_DEVICE_BATCH,
     METRIC_PATTERN,
     ORGANIZATION_PATTERN,
     PATIENT_PATTERN,
@@ -48,6 +50,7 @@ from services.observation.domain import (
     ObservationDraft,
     Outcome,
     Parent,
+    Rejection,
     aggregation_request,
     parse_device,
     parse_name,
@@ -156,19 +159,41 @@ class ObservationService:
 
     async def write(self, device: str, drafts: Sequence[ObservationDraft]) -> BatchResult:
         """Internal ingest from the MQTT adapter: an unknown device gets every item rejected."""
+        return (await self.write_many([(device, drafts)]))[0]
+
+    async def write_many(self, batches: Sequence[tuple[str, Sequence[ObservationDraft]]]) -> list[BatchResult]:
+        """Internal ingest of several devices' batches in one durable write, answered per batch."""
         principal = current_principal()
         # The authenticator admits only the mesh credential here; this guards against wiring mistakes.
         if not principal.is_internal:
             raise PermissionDenied("observations from devices come through the MQTT adapter", reason="INTERNAL_ONLY")
-        device = parse_device(device, "device")
-        _require_batch_size(drafts)
-        assignment = await self._devices.assignment(device)
-        if assignment is None:
-            return rejected_all(drafts, "UNKNOWN_DEVICE", f"device {device!r} is not registered")
-        problem = _assignment_problem(assignment)
-        if problem:
-            return rejected_all(drafts, "DEVICE_NOT_ASSIGNED", problem)
-        return await self._ingest(assignment, drafts)
+        devices = [parse_device(device, "device") for device, _ in batches]
+        for _, drafts in batches:
+            _require_batch_size(drafts)
+        if sum(len(drafts) for _, drafts in batches) > MAX_MULTI_DEVICE_BATCH:
+            raise InvalidArgument.for_field("requests", f"at most {MAX_MULTI_DEVICE_BATCH} observations in all")
+        unique = list(dict.fromkeys(devices))
+        found = await asyncio.gather(*(self._devices.assignment(device) for device in unique))
+        assignments = dict(zip(unique, found, strict=True))
+        at = self._clock()
+        checked: list[list[Observation | Rejection] | BatchResult] = []
+        for device, (_, drafts) in zip(devices, batches, strict=True):
+            assignment = assignments[device]
+            if assignment is None:
+                checked.append(rejected_all(drafts, "UNKNOWN_DEVICE", f"device {device!r} is not registered"))
+            elif problem := _assignment_problem(assignment):
+                checked.append(rejected_all(drafts, "DEVICE_NOT_ASSIGNED", problem))
+            else:
+                checked.append([validate(draft, assignment, at) for draft in drafts])
+        valid = [o for items in checked if isinstance(items, list) for o in items if isinstance(o, Observation)]
+        stored = iter(await self._store.insert_batch(valid))
+        fresh: list[Observation] = []
+        results = [
+            items if isinstance(items, BatchResult) else _answers(drafts, items, stored, fresh)
+            for (_, drafts), items in zip(batches, checked, strict=True)
+        ]
+        await self._evaluate_alerts(fresh)
+        return results
 
     async def batch_create(self, parent: str, drafts: Sequence[ObservationDraft]) -> BatchResult:
         """Public ingest: the caller must be allowed to write for the device's data organization."""
@@ -204,16 +229,12 @@ class ObservationService:
         checked = [validate(draft, assignment, at) for draft in drafts]
         valid = [item for item in checked if isinstance(item, Observation)]
         stored = iter(await self._store.insert_batch(valid))
-        results: list[ItemResult] = []
         fresh: list[Observation] = []
-        for draft, item in zip(drafts, checked, strict=True):
-            if not isinstance(item, Observation):
-                results.append(ItemResult(Outcome.REJECTED, draft.message_id, "", item.reason, item.description))
-            elif next(stored):
-                results.append(ItemResult(Outcome.STORED, item.message_id, item.name))
-                fresh.append(item)
-            else:
-                results.append(ItemResult(Outcome.DUPLICATE, item.message_id, item.name))
+        result = _answers(drafts, checked, stored, fresh)
+        await self._evaluate_alerts(fresh)
+        return result
+
+    async def _evaluate_alerts(self, fresh: Sequence[Observation]) -> None:
         # Only what was stored now: a resent batch does not re-raise alerts.
         await self._alerts.evaluate(
             [
@@ -222,7 +243,6 @@ class ObservationService:
                 if o.numeric_value is not None
             ]
         )
-        return BatchResult(results)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -317,6 +337,25 @@ def _too_many_values() -> InvalidArgument:
         reason="TOO_MANY_VALUES",
         field_violations=[FieldViolation("end_time", f"the range holds over {MAX_AGGREGATED_VALUES} values")],
     )
+
+
+def _answers(
+    drafts: Sequence[ObservationDraft],
+    checked: Sequence[Observation | Rejection],
+    stored: Iterator[bool],
+    fresh: list[Observation],
+) -> BatchResult:
+    """Per item: rejected by validation, or stored now (added to `fresh`), or stored before."""
+    results: list[ItemResult] = []
+    for draft, item in zip(drafts, checked, strict=True):
+        if not isinstance(item, Observation):
+            results.append(ItemResult(Outcome.REJECTED, draft.message_id, "", item.reason, item.description))
+        elif next(stored):
+            results.append(ItemResult(Outcome.STORED, item.message_id, item.name))
+            fresh.append(item)
+        else:
+            results.append(ItemResult(Outcome.DUPLICATE, item.message_id, item.name))
+    return BatchResult(results)
 
 
 def _require_batch_size(drafts: Sequence[ObservationDraft]) -> None:

@@ -23,7 +23,12 @@ from services.observation.domain import (
 from services.observation.service import ObservationService
 
 # Internal-only: the authenticator admits it with the mesh credential, never with a user token.
-WRITE_OBSERVATIONS = "/medmesh.observation.v1.ObservationInternalService/WriteObservations"
+INTERNAL_METHODS = frozenset(
+    {
+        "/medmesh.observation.v1.ObservationInternalService/WriteObservations",
+        "/medmesh.observation.v1.ObservationInternalService/BatchWriteObservations",
+    }
+)
 
 _OUTCOME_TO_PB = {
     Outcome.STORED: pb.ObservationResult.OUTCOME_STORED,
@@ -183,3 +188,12 @@ class ObservationInternalServicer(pb_grpc.ObservationInternalServiceServicer):
     ) -> pb.WriteObservationsResponse:
         result = await self._service.write(request.device, drafts_from_pb(request.observations))
         return pb.WriteObservationsResponse(results=results_to_pb(result))
+
+    async def BatchWriteObservations(
+        self, request: pb.BatchWriteObservationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.BatchWriteObservationsResponse:
+        batches = [(item.device, drafts_from_pb(item.observations)) for item in request.requests]
+        results = await self._service.write_many(batches)
+        return pb.BatchWriteObservationsResponse(
+            responses=[pb.WriteObservationsResponse(results=results_to_pb(result)) for result in results]
+        )

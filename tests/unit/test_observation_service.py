@@ -224,6 +224,43 @@ async def test_internal_ingest_needs_the_mesh_credential(service: ObservationSer
     await denied(lambda: service.write(DEVICE, [draft("m-1")]), PLATFORM_ADMIN, "INTERNAL_ONLY")
 
 
+async def test_several_devices_are_written_together_and_answered_per_device(
+    service: ObservationService, store: InMemoryObservationStore, alerts: RecordingAlertEvaluator
+) -> None:
+    await service.write(DEVICE, [draft("old")])
+    batches = [
+        (DEVICE, [draft("old"), draft("new", 1), draft("bad", 2, metric="Bad Metric")]),
+        ("devices/ghost", [draft("g-1")]),
+        (UNASSIGNED, [draft("u-1", 3)]),
+        (DEVICE, [draft("later", 4)]),
+    ]
+
+    results = await service.write_many(batches)
+
+    assert [outcomes(r) for r in results] == [
+        ["DUPLICATE", "STORED", "REJECTED"],
+        ["REJECTED"],
+        ["STORED"],
+        ["STORED"],
+    ]
+    assert results[1].results[0].reason == "UNKNOWN_DEVICE"
+    owners = {o.message_id: o.organization for o in store.items.values()}
+    assert owners == {"old": ORG_A, "new": ORG_A, "u-1": MAKER, "later": ORG_A}
+    # Alerts see what was stored now, once: not the duplicate.
+    assert sorted(s.time.second for s in alerts.samples[1:]) == [1, 3, 4]
+
+
+async def test_a_multi_device_write_is_bounded_in_all(service: ObservationService) -> None:
+    batches = [(DEVICE, [draft(f"m-{d}-{i}", i) for i in range(500)]) for d in range(5)]
+
+    with pytest.raises(InvalidArgument):
+        await service.write_many(batches)
+
+
+async def test_a_multi_device_write_needs_the_mesh_credential(service: ObservationService) -> None:
+    await denied(lambda: service.write_many([(DEVICE, [draft("m-1")])]), PLATFORM_ADMIN, "INTERNAL_ONLY")
+
+
 @pytest.mark.parametrize("size", [0, 501])
 async def test_batch_size_is_bounded(service: ObservationService, size: int) -> None:
     with pytest.raises(InvalidArgument):

@@ -20,7 +20,7 @@ from medmesh.runtime.protoconv import timestamp
 from services.observation.domain import DeviceAssignment, Observation, ObservationDraft, Waveform, observation_id
 from services.observation.service import ObservationService
 from services.observation.servicer import (
-    WRITE_OBSERVATIONS,
+    INTERNAL_METHODS,
     ObservationInternalServicer,
     ObservationServicer,
     draft_from_pb,
@@ -109,12 +109,12 @@ class HeaderAuthenticator(Authenticator):
     def __init__(self) -> None:
         super().__init__(
             TokenVerifier(keys=None),  # type: ignore[arg-type]
-            internal_methods=frozenset({WRITE_OBSERVATIONS}),
+            internal_methods=INTERNAL_METHODS,
             internal_token=INTERNAL_TOKEN,
         )
 
     async def authenticate(self, method: str, metadata: Mapping[str, str]) -> Principal | None:
-        if method == WRITE_OBSERVATIONS or INTERNAL_HEADER in metadata:
+        if method in INTERNAL_METHODS or INTERNAL_HEADER in metadata:
             return await super().authenticate(method, metadata)
         return self.principals[metadata["x-test-caller"]]
 
@@ -250,6 +250,26 @@ async def test_grpc_batch_create_is_audited_once(grpc_observations: Any) -> None
     assert [r.outcome for r in response.results] == [pb.ObservationResult.OUTCOME_STORED] * 2
     assert len(trail.events) == 1
     assert trail.events[0].method == "medmesh.observation.v1.ObservationService/BatchCreateObservations"
+
+
+async def test_grpc_batch_write_answers_each_device_in_order(grpc_observations: Any) -> None:
+    _, internal, _, _ = grpc_observations
+    request = pb.BatchWriteObservationsRequest(
+        requests=[
+            pb.WriteObservationsRequest(device=DEVICE, observations=[reading("b-1", 0, 60)]),
+            pb.WriteObservationsRequest(device=DEVICE, observations=[reading("b-1", 0, 60), reading("b-2", 1, 61)]),
+        ]
+    )
+
+    reply = await internal.BatchWriteObservations(request, metadata=MESH)
+
+    stored, duplicate = pb.ObservationResult.OUTCOME_STORED, pb.ObservationResult.OUTCOME_DUPLICATE
+    assert [[r.outcome for r in response.results] for response in reply.responses] == [
+        [stored],
+        [duplicate, stored],
+    ]
+    code, _, _ = await call_error(internal.BatchWriteObservations(request, metadata=[(INTERNAL_HEADER, "wrong")]))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_grpc_internal_ingest_needs_the_mesh_credential(grpc_observations: Any) -> None:
