@@ -198,12 +198,25 @@ def _python_component(config: PlatformConfig, name: str, module: str) -> Compone
         def prepare() -> None:
             ensure_device_ca(config.tls_dir)
 
+    elif name == "mqtt_adapter":
+        # Devices connect here with certificates the device CA signed (or temporary credentials).
+        env["MEDMESH_MQTT_PORT"] = str(config.port("mqtt"))
+        env["MEDMESH_MQTT_TLS_CERT_FILE"] = str(config.tls_dir / "server.crt")
+        env["MEDMESH_MQTT_TLS_KEY_FILE"] = str(config.tls_dir / "server.key")
+        env["MEDMESH_DEVICE_CA_CERT_FILE"] = str(config.device_ca_cert)
+        env["MEDMESH_ADAPTER_INSTANCE"] = "mqtt-adapter-0"
+
+        def prepare() -> None:
+            ensure_device_ca(config.tls_dir)
+
     return Component(
         name,
         [sys.executable, "-m", module],
         lambda: grpc_serving(address),
-        f"grpc {address}",
-        [port],
+        f"mqtts://localhost:{config.port('mqtt')} (devices), grpc {address}"
+        if name == "mqtt_adapter"
+        else f"grpc {address}",
+        [port, config.port("mqtt")] if name == "mqtt_adapter" else [port],
         env,
         prepare=prepare,
     )

@@ -25,6 +25,8 @@ BASE_PORTS: dict[str, int] = {
     "gateway_admin": 9901,
     # HTTPS in front of the embedded S3, for pre-signed upload and download URLs.
     "gateway_s3": 9443,
+    # Devices: MQTT over TLS 1.3, served by the MQTT adapter.
+    "mqtt": 8883,
     "ferretdb": 27017,
     "ferretdb_debug": 28088,
     "s3": 8333,

@@ -1,0 +1,101 @@
+"""Cloud -> device: desired configuration and commands, asked from their source of truth.
+
+A delivery is triggered when a device subscribes to the topic (it is connected and ready), and
+when a service notifies this instance (`AdapterInternalService.NotifyDevice`). It always asks
+the device or command service what is pending, so a lost or repeated notification is
+harmless. Deliveries for one device and kind are coalesced: a notification that arrives while
+one runs makes it run once more, never twice at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from enum import Enum
+
+import grpc
+
+from medmesh.mqttadapter.v1 import adapter_internal_service_pb2 as adapter_pb
+from mqtt_adapter.connections import Connections
+from mqtt_adapter.mesh import Mesh
+from mqtt_adapter.payloads import command_payload, desired_config_payload
+from mqtt_adapter.topics import Downlink
+
+log = logging.getLogger(__name__)
+
+
+class Kind(Enum):
+    CONFIG = Downlink.CONFIG_DESIRED
+    COMMANDS = Downlink.COMMANDS
+
+
+KIND_OF_PENDING = {adapter_pb.PENDING_CONFIG: Kind.CONFIG, adapter_pb.PENDING_COMMANDS: Kind.COMMANDS}
+
+
+class Deliveries:
+    def __init__(self, mesh: Mesh, connections: Connections) -> None:
+        self._mesh = mesh
+        self._connections = connections
+        self._running: dict[tuple[str, Kind], asyncio.Task[None]] = {}
+        self._again: set[tuple[str, Kind]] = set()
+
+    def request(self, device: str, kind: Kind) -> None:
+        """Delivers what is pending of `kind` to the device's connections here, soon."""
+        key = (device, kind)
+        if key in self._running:
+            self._again.add(key)
+            return
+        task = asyncio.create_task(self._run(key))
+        self._running[key] = task
+
+    async def _run(self, key: tuple[str, Kind]) -> None:
+        device, kind = key
+        deliver: Callable[[str], Awaitable[None]] = self._config if kind is Kind.CONFIG else self._commands
+        try:
+            while True:
+                self._again.discard(key)
+                if not self._connections.holds(device):
+                    return
+                try:
+                    await deliver(device)
+                except grpc.aio.AioRpcError as error:
+                    # The device gets it on its next subscribe, or with the next notification.
+                    log.warning("could not deliver %s to %s: %s", kind.name.lower(), device, error.code())
+                if key not in self._again:
+                    return
+        finally:
+            del self._running[key]
+
+    async def _config(self, device: str) -> None:
+        pending = await self._mesh.registry.pending_config(device)
+        if pending.desired_version:
+            payload = desired_config_payload(pending.desired_version, pending.desired)
+            await _settled(self._connections.publish(device, Downlink.CONFIG_DESIRED, payload))
+
+    async def _commands(self, device: str) -> None:
+        reply = await self._mesh.commands.pending(device)
+        for command in reply.commands:
+            sent = await _settled(self._connections.publish(device, Downlink.COMMANDS, command_payload("run", command)))
+            if sent:
+                try:
+                    await self._mesh.commands.mark_delivered(command.name)
+                except grpc.aio.AioRpcError as error:
+                    # Over meanwhile (canceled, expired): the next listing tells the device to drop it.
+                    log.info("%s not marked delivered: %s", command.name, error.details())
+        for action, commands in (("stop", reply.stop_requests), ("cancel", reply.cancellations)):
+            for command in commands:
+                self._connections.publish(device, Downlink.COMMANDS, command_payload(action, command))
+
+    async def close(self) -> None:
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+
+async def _settled(tasks: list[asyncio.Task[None]]) -> bool:
+    """True when at least one connection acknowledged the publish."""
+    if not tasks:
+        return False
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    return any(result is None for result in results)
