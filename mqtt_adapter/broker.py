@@ -13,6 +13,7 @@ that a device adapter must not, is overridden here (amqtt's own findings in DESI
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import ssl
 from collections.abc import Callable
@@ -35,6 +36,12 @@ from mqtt_adapter.router import UplinkRouter
 from mqtt_adapter.topics import ClientId, may_subscribe, parse_client_id
 
 log = logging.getLogger(__name__)
+
+# asyncio gives every TLS connection a zero-filled 256 KiB receive buffer (SSLProtocol.max_size),
+# resident for the life of the connection: 256 KiB per idle device (measured: 340 KiB RSS per
+# idle connection in all, 93 KiB with 4 KiB). Device messages are small; a large one takes
+# more reads of 4 KiB, nothing else changes.
+asyncio.sslproto.SSLProtocol.max_size = 4 * 1024
 
 SUBSCRIPTION_REFUSED = 0x80
 _CLIENT = "medmesh.client"
