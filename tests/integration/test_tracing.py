@@ -16,6 +16,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -24,7 +25,10 @@ from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.device.v1 import device_service_pb2_grpc as device_grpc
 from medmesh.organization.v1 import organization_service_pb2 as org_pb
 from medmesh.organization.v1 import organization_service_pb2_grpc as org_grpc
+from tests.integration.devices import MqttDevice, register_device, tls_context
+from tests.integration.people import eventually
 from tests.integration.platform import Platform, free_ports
+from tests.integration.stores import ServiceProcess
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -138,3 +142,71 @@ def test_a_request_is_one_trace_across_services_and_database(
     # ...and, in the same trace, the organization service answering it from its own database.
     assert "/medmesh.organization.v1.OrganizationService/GetOrganization" in organization_spans
     assert "medmesh_organization.find" in organization_spans
+
+
+def test_an_observation_is_one_trace_from_the_mqtt_adapter_to_the_database_write(
+    platform: Platform, collector: tuple[Collector, int], tmp_path: Path, rest: httpx.Client
+) -> None:
+    servicer, collector_port = collector
+    observation_port, adapter_port, mqtt_port = free_ports(3)
+    common = {
+        **platform.service_environment(),
+        "MEDMESH_MONGODB_URI": platform.config.mongodb_uri,
+        "MEDMESH_OBSERVATION_ADDR": f"127.0.0.1:{observation_port}",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    adapter_env = {
+        **common,
+        "MEDMESH_GRPC_PORT": str(adapter_port),
+        "MEDMESH_MQTT_PORT": str(mqtt_port),
+        "MEDMESH_MQTT_TLS_CERT_FILE": str(platform.config.tls_dir / "server.crt"),
+        "MEDMESH_MQTT_TLS_KEY_FILE": str(platform.config.tls_dir / "server.key"),
+    }
+    observation = ServiceProcess(
+        "services.observation",
+        {**common, "MEDMESH_GRPC_PORT": str(observation_port)},
+        observation_port,
+        "",
+        tmp_path / "observation.log",
+    )
+    adapter = ServiceProcess("mqtt_adapter", adapter_env, adapter_port, "", tmp_path / "adapter.log")
+    identity = register_device(rest, tmp_path)
+    device = MqttDevice(mqtt_port, identity.device_id, tls_context(platform.ca, identity.cert, identity.key))
+    try:
+        observation.wait_serving()
+        adapter.wait_serving()
+        assert device.connect() == "Success"
+        device.subscribe_own()
+        device.publish(
+            "observations",
+            {"observations": [{"id": "traced-1", "metric": "heart_rate", "time": "2026-11-24T10:00:00Z", "value": 70}]},
+        )
+        assert device.expect("acks") == {"stored": ["traced-1"]}
+
+        def observation_trace() -> dict[str, set[str]]:
+            traces: dict[bytes, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+            for service, trace_id, name in servicer.spans:
+                traces[trace_id][service].add(name)
+            for spans in traces.values():
+                if "mqtt.observations.receive" in spans.get(
+                    "mqtt_adapter", set()
+                ) and "medmesh_observation.insert" in spans.get("observation", set()):
+                    return dict(spans)
+            return {}
+
+        trace = eventually(observation_trace, within=15)
+    finally:
+        device.close()
+        adapter.close()
+        observation.close()
+
+    assert trace, f"no trace from the adapter to the observation write among {len(servicer.spans)} spans"
+    adapter_spans, observation_spans = trace["mqtt_adapter"], trace["observation"]
+    # The message arriving, the batch it went into, and the call to the observation service...
+    assert {"mqtt.observations.receive", "mqtt.observations.write"} <= adapter_spans
+    assert "/medmesh.observation.v1.ObservationInternalService/BatchWriteObservations" in adapter_spans
+    # ...which answered it, writing to its own database, in the same trace.
+    assert "/medmesh.observation.v1.ObservationInternalService/BatchWriteObservations" in observation_spans
+    assert "medmesh_observation.insert" in observation_spans
