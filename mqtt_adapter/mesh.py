@@ -78,12 +78,11 @@ class DeviceRegistry:
             device=device,
             connected=connected,
             adapter_instance=instance,
+            adapter_address=address if connected else "",
             session_id=session_id,
             remote_address=remote_address,
             time=time,
         )
-        if connected and "adapter_address" in device_pb.ReportConnectionRequest.DESCRIPTOR.fields_by_name:
-            request.adapter_address = address
         await self._devices.ReportConnection(request, timeout=CALL_TIMEOUT)
 
     async def report_status(self, device: str, report: StatusReport) -> None:

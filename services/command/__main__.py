@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from medmesh.command.v1 import command_service_pb2_grpc as pb_grpc
+from medmesh.runtime.adapters import AdapterNotifier, GrpcDeviceConnections
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
 from medmesh.runtime.directories import GrpcDeviceDirectory
 from medmesh.runtime.mongo import connect, readiness
 from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
-from services.command.notifier import NoCommandNotifier
+from services.command.notifier import AdapterCommandNotifier
 from services.command.repository import CommandRepository, SessionRepository
 from services.command.service import CommandService
 from services.command.servicer import INTERNAL_METHODS, INTERNAL_SERVICE, CommandInternalServicer, CommandServicer
@@ -30,11 +31,16 @@ async def main() -> None:
     sessions = SessionRepository(database)
     # Audit events go to an outbox in this service's own database first; the flusher delivers them.
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
-    # Real-time push to connected devices is the MQTT adapter's (next issue): until then devices
-    # get their commands from the pending list when they connect.
     # A device registered a moment ago can receive commands at once: absences are not cached.
     directory = GrpcDeviceDirectory(devices, cache_absent=False)
-    service = CommandService(commands, sessions, directory, trail, NoCommandNotifier())
+    # A connected device hears of a command change from the adapter instance that holds its
+    # connection (the device service says which, and at what address); a device that does not
+    # gets its commands from the pending list when it connects.
+    adapters = AdapterNotifier(
+        GrpcDeviceConnections(devices),
+        lambda address: peer_channel("mqtt_adapter", address=address, caller=settings.service),
+    )
+    service = CommandService(commands, sessions, directory, trail, AdapterCommandNotifier(adapters))
     sweeper = DeadlineSweeper(service, sweep_seconds)
     bindings = [
         ServiceBinding(
@@ -55,6 +61,8 @@ async def main() -> None:
         # The sweeper first: what it records reaches the outbox before the last flush.
         if "sweeper" in background:
             await stop_task(background["sweeper"])
+        # Notifications in flight are hints: cancelled, not waited for.
+        await adapters.close()
         await trail.close()
         if "trail" in background:
             await stop_task(background["trail"])

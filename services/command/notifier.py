@@ -1,17 +1,19 @@
-"""Telling a connected device about a command change right away: the MQTT adapter's job.
+"""Telling a connected device about a command change right away, through the MQTT adapter.
 
 The command service calls `CommandNotifier.command_changed` after a command is created (a
-session's commands included), canceled or asked to stop. The adapter that holds the device's
-connection then calls `CommandInternalService.ListPendingCommands` and publishes what it lists.
-Until the adapter provides an implementation, `NoCommandNotifier` does nothing: a device still
+session's commands included), canceled or asked to stop. `AdapterCommandNotifier` tells the
+adapter instance that holds the device's connection (`medmesh.runtime.adapters`), which then
+calls `CommandInternalService.ListPendingCommands` and publishes what it lists. A device still
 gets everything when it (re)connects, because the pending list, not the notification, is the
-source of truth. A notification may be lost; it is a hint, never the delivery itself.
+source of truth: a notification may be lost; it is a hint, never the delivery itself.
+`NoCommandNotifier` does nothing (a service wired without adapters, and unit tests).
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+from medmesh.runtime.adapters import PENDING_COMMANDS, AdapterNotifier
 from services.command.domain import Command
 
 
@@ -23,3 +25,15 @@ class CommandNotifier(Protocol):
 class NoCommandNotifier:
     async def command_changed(self, command: Command) -> None:
         return None
+
+
+class AdapterCommandNotifier:
+    """Notifies in the background, so creating a command over REST is not held up by the lookup
+    of the device's connection and the call to its adapter. Several changes to one device's
+    commands while a notification is in flight make one more notification, not one each."""
+
+    def __init__(self, notifier: AdapterNotifier) -> None:
+        self._notifier = notifier
+
+    async def command_changed(self, command: Command) -> None:
+        self._notifier.notify_soon(command.device, PENDING_COMMANDS)

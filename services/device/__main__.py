@@ -11,6 +11,7 @@ import contextlib
 
 from medmesh.device.v1 import device_internal_service_pb2_grpc as internal_pb_grpc
 from medmesh.device.v1 import device_service_pb2_grpc as pb_grpc
+from medmesh.runtime.adapters import AdapterNotifier
 from medmesh.runtime.audit_outbox import OutboxAuditTrail
 from medmesh.runtime.clients import peer_channel, service_authenticator
 from medmesh.runtime.directories import GrpcOrganizationDirectory
@@ -22,6 +23,7 @@ from services.device.credential_servicer import wire_credentials
 from services.device.domain import parse_name
 from services.device.internal import DeviceInternal
 from services.device.internal_servicer import INTERNAL_METHODS, DeviceInternalServicer
+from services.device.notifier import AdapterConfigNotifier, RepositoryConnections
 from services.device.patients import GrpcPatientDirectory
 from services.device.repository import ConfigRepository, DeviceRepository, StatusRepository
 from services.device.service import DeviceService
@@ -55,6 +57,12 @@ async def main() -> None:
     configs = ConfigRepository(database)
     statuses = StatusRepository(database)
     trail = OutboxAuditTrail(database, settings.service, audit_channel)
+    # A connected device hears of a new desired configuration from the adapter instance that holds
+    # its connection, dialled at the address that instance reported.
+    adapters = AdapterNotifier(
+        RepositoryConnections(repository, statuses),
+        lambda address: peer_channel("mqtt_adapter", address=address, caller=settings.service),
+    )
     service = DeviceService(
         repository,
         GrpcOrganizationDirectory(organizations),
@@ -62,6 +70,7 @@ async def main() -> None:
         patients=GrpcPatientDirectory(patients),
         configs=configs,
         statuses=statuses,
+        notifier=AdapterConfigNotifier(adapters),
     )
     credentials = wire_credentials(database, settings, RepositoryDeviceRegistry(repository), trail)
     bindings = [
@@ -82,6 +91,7 @@ async def main() -> None:
         background.append(asyncio.create_task(credentials.temporary_credentials.run_sweeper()))
 
     async def stop() -> None:
+        await adapters.close()
         await trail.close()
         for task in background:
             task.cancel()

@@ -20,6 +20,7 @@ from services.device.domain import NAME_PREFIX, Device, parse_name
 from services.device.status import (
     NEVER_CONNECTED,
     Battery,
+    DeviceConnection,
     Firmware,
     Operational,
     Session,
@@ -75,23 +76,40 @@ class DeviceInternal:
         session_id: str,
         remote_address: str,
         at: datetime | None,
+        adapter_address: str = "",
     ) -> None:
         """A connection opened or closed. A close ends only the session it names, so one reported
-        late by an adapter that no longer holds the device's connection leaves the device online."""
+        late by an adapter that no longer holds the device's connection leaves the device online.
+        `adapter_address` (on connect) is where services reach that adapter instance to push to
+        the device."""
         device = await self._device(name)
         key = session_key(session_id, adapter_instance)
         when = event_time(at, now())
         if connected:
             await self._statuses.open_session(
-                Session(device.state_key, key, adapter_instance, remote_address, connect_time=when)
+                Session(
+                    device.state_key,
+                    key,
+                    adapter_instance,
+                    remote_address,
+                    connect_time=when,
+                    adapter_address=adapter_address,
+                )
             )
             await self._statuses.touch(device.state_key, when)
         elif not await self._statuses.close_session(device.state_key, key, when):
             # The connect report has not arrived (reports raced) or its session was already
             # superseded: a closed placeholder that is never the newest session, and stops a
             # late connect report of the same session from reopening it.
-            closed = Session(device.state_key, key, adapter_instance, remote_address, NEVER_CONNECTED, when)
+            closed = Session(
+                device.state_key, key, adapter_instance, remote_address, NEVER_CONNECTED, when, adapter_address
+            )
             await self._statuses.open_session(closed)
+
+    async def connection(self, name: str) -> DeviceConnection:
+        """The device's newest connection and the adapter (instance and address) that holds it."""
+        device = await self._device(name)
+        return DeviceConnection(device.name, await self._statuses.newest_session(device.state_key))
 
     async def report_status(self, name: str, report: StatusReport, at: datetime | None) -> None:
         """Keeps what the device sent; what it left out stays as it was."""

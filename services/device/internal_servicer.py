@@ -11,7 +11,7 @@ from medmesh.device.v1 import device_internal_service_pb2 as pb
 from medmesh.device.v1 import device_internal_service_pb2_grpc as pb_grpc
 from services.device.internal import DeviceInternal
 from services.device.servicer import STATE_FROM_PB, struct_of, values_of
-from services.device.status import StatusReport
+from services.device.status import DeviceConnection, StatusReport
 from services.device.twin import DesiredConfig
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeviceInternalService"].full_name
@@ -30,6 +30,19 @@ def pending_to_pb(pending: DesiredConfig | None) -> pb.PendingConfig:
     if pending is None:
         return pb.PendingConfig()
     return pb.PendingConfig(desired=struct_of(pending.values), desired_version=pending.version)
+
+
+def connection_to_pb(connection: DeviceConnection) -> pb.DeviceAdapterConnection:
+    session = connection.session
+    if session is None:
+        return pb.DeviceAdapterConnection(device=connection.device)
+    return pb.DeviceAdapterConnection(
+        device=connection.device,
+        connected=connection.connected,
+        adapter_instance=session.adapter_instance,
+        adapter_address=session.adapter_address,
+        session_id=session.session_id,
+    )
 
 
 class DeviceInternalServicer(pb_grpc.DeviceInternalServiceServicer):
@@ -57,6 +70,7 @@ class DeviceInternalServicer(pb_grpc.DeviceInternalServiceServicer):
             session_id=request.session_id,
             remote_address=request.remote_address,
             at=_time(request.time, request.HasField("time")),
+            adapter_address=request.adapter_address,
         )
         return empty_pb2.Empty()
 
@@ -91,3 +105,8 @@ class DeviceInternalServicer(pb_grpc.DeviceInternalServiceServicer):
     async def TouchDevice(self, request: pb.TouchDeviceRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self._internal.touch(request.device, _time(request.time, request.HasField("time")))
         return empty_pb2.Empty()
+
+    async def GetDeviceConnection(
+        self, request: pb.GetDeviceConnectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeviceAdapterConnection:
+        return connection_to_pb(await self._internal.connection(request.device))

@@ -195,6 +195,7 @@ class StatusRepository:
                     "device_key": session.device_key,
                     "session_id": session.session_id,
                     "adapter_instance": session.adapter_instance,
+                    "adapter_address": session.adapter_address,
                     "remote_address": session.remote_address,
                     "connect_time": session.connect_time,
                     "disconnect_time": session.disconnect_time,
@@ -209,6 +210,7 @@ class StatusRepository:
                 {
                     "$set": {
                         "adapter_instance": session.adapter_instance,
+                        "adapter_address": session.adapter_address,
                         "remote_address": session.remote_address,
                         "connect_time": session.connect_time,
                     }
@@ -294,4 +296,6 @@ def _session(document: Document) -> Session:
         remote_address=document["remote_address"],
         connect_time=document["connect_time"],
         disconnect_time=document.get("disconnect_time"),
+        # Sessions recorded before adapters reported their address have none.
+        adapter_address=document.get("adapter_address", ""),
     )

@@ -51,7 +51,7 @@ from services.device.domain import (
 )
 from services.device.patients import PatientDirectory
 from services.device.status import DeviceStatus, StatusStore
-from services.device.twin import ConfigStore, DesiredConfig, DeviceConfig
+from services.device.twin import ConfigStore, DesiredConfig, DesiredConfigNotifier, DeviceConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class DeviceService:
 
     `configs` and `statuses` serve the configuration twin and the status; `patients` checks
     patient assignments. A service started without them answers those calls UNAVAILABLE.
+    `notifier` tells a connected device of a new desired configuration right away; without it
+    the device gets it when it next connects.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class DeviceService:
         patients: PatientDirectory | None = None,
         configs: ConfigStore | None = None,
         statuses: StatusStore | None = None,
+        notifier: DesiredConfigNotifier | None = None,
     ) -> None:
         self._store = store
         self._organizations = organizations
@@ -132,6 +135,7 @@ class DeviceService:
         self._patients = patients
         self._configs = configs
         self._statuses = statuses
+        self._notifier = notifier
 
     # --- the registry ----------------------------------------------------------------------------
 
@@ -327,6 +331,8 @@ class DeviceService:
                         metadata={"resource": f"{device.name}/{twin.COLLECTION}"},
                     ) from None
                 continue  # no etag: the caller asked for "this, whatever came before"
+            # As soon as the version is stored, which is what the adapter will read.
+            await self._notify_config(device)
             config = DeviceConfig(device.name, proposed, await configs.reported(device.state_key))
             # The device receives its configuration: audited under its data organization.
             await audit(
@@ -361,6 +367,14 @@ class DeviceService:
                 metadata={"patient": patient},
                 field_violations=[FieldViolation("patient", "names a patient that does not exist")],
             )
+
+    async def _notify_config(self, device: Device) -> None:
+        if self._notifier is None:
+            return
+        try:
+            await self._notifier.desired_config_changed(device.name)
+        except Exception:  # a hint only: the device gets the configuration when it connects
+            log.warning("could not notify %s of its desired configuration", device.name, exc_info=True)
 
     async def _forget_state(self, device: Device) -> None:
         """Drops the deleted device's twin and status. They are keyed by the registration's uid, so

@@ -50,6 +50,9 @@ class Session:
     remote_address: str
     connect_time: datetime
     disconnect_time: datetime | None = None
+    # Where the adapter instance's internal gRPC API listens (`host:port`): how services push to
+    # the device while this session is open. Empty when the adapter did not say.
+    adapter_address: str = ""
 
     @property
     def open(self) -> bool:
@@ -127,6 +130,18 @@ class DeviceStatus:
         return self.session is not None and self.session.open
 
 
+@dataclass(frozen=True)
+class DeviceConnection:
+    """A device's newest connection as the mesh sees it (`GetDeviceConnection`)."""
+
+    device: str  # `devices/{serial}`
+    session: Session | None  # None if the device never connected
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and self.session.open
+
+
 class StatusStore(Protocol):
     """Where sessions and reported status are kept; the repository and the unit tests' fake provide it."""
 
@@ -137,7 +152,8 @@ class StatusStore(Protocol):
     async def open_session(self, session: Session) -> None:
         """Records a session unless one with its id exists, and forgets the device's sessions that
         connected before it. An existing session stays as it is, except that a placeholder
-        (`NEVER_CONNECTED`, closed) gets the connect details and stays closed."""
+        (`NEVER_CONNECTED`, closed) gets the connect details (adapter instance and address, remote
+        address, connect time) and stays closed."""
 
     async def close_session(self, device_key: str, session_id: str, at: datetime) -> bool:
         """Marks that one session closed; False if there is no such session."""

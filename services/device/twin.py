@@ -108,6 +108,14 @@ class ConfigStore(Protocol):
     async def delete_all(self, device_key: str) -> None: ...
 
 
+class DesiredConfigNotifier(Protocol):
+    """Tells a connected device at once that its desired configuration changed (through the MQTT
+    adapter that holds its connection). Best effort and quick: the caller does not wait for the
+    device, and a device that was not told gets the configuration when it next connects."""
+
+    async def desired_config_changed(self, device: str) -> None: ...
+
+
 def config_etag(device: str, desired_version: int) -> str:
     return etag_of(f"{device}/{COLLECTION}", desired_version)
 

@@ -93,6 +93,7 @@ class InMemoryStatusStore:
             self.sessions[own] = replace(
                 existing,
                 adapter_instance=session.adapter_instance,
+                adapter_address=session.adapter_address,
                 remote_address=session.remote_address,
                 connect_time=session.connect_time,
             )

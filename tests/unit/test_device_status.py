@@ -440,6 +440,7 @@ def test_every_internal_method_is_internal_only() -> None:
             "ReportConfig",
             "GetPendingConfig",
             "TouchDevice",
+            "GetDeviceConnection",
         )
     } == INTERNAL_METHODS
 

@@ -48,18 +48,23 @@ EDGES = ("gateway", "mqtt-adapter")
 # Who calls whom inside the mesh (the gateway and the internet aside): every service verifies
 # tokens with identity's keys and delivers audit events to audit. The adapter's calls to
 # observation, command and file come with the adapter issue; the policies admit them already.
+# command and device push to connected devices through the adapter instance holding the
+# connection (NotifyDevice).
 CALLS: dict[str, set[str]] = {
     "organization": {"identity", "audit"},
-    "device": {"organization", "patient", "identity", "audit"},
+    "device": {"organization", "patient", "identity", "audit", "mqtt-adapter"},
     "patient": {"organization", "identity", "audit"},
     "identity": {"organization", "patient", "audit"},
     "audit": {"identity"},
     "observation": {"device", "alert", "identity", "audit"},
-    "command": {"device", "identity", "audit"},
+    "command": {"device", "identity", "audit", "mqtt-adapter"},
     "file": {"device", "identity", "audit"},
     "alert": {"device", "identity", "audit"},
     "mqtt-adapter": {"device", "observation", "command", "file"},
 }
+# Dialled at the address of the instance that holds a device's connection (from the device
+# service), not at one configured address.
+DIALLED_PER_CONNECTION = {"mqtt-adapter"}
 MESH_CREDENTIAL = {"secretKeyRef": {"name": "medmesh-internal", "key": "token"}}
 
 
@@ -431,6 +436,17 @@ def test_adapter_knows_its_instance_name() -> None:
     assert instance == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
+def test_adapter_reports_its_own_pod_address_for_the_internal_api() -> None:
+    [container] = containers(deployment("mqtt-adapter"))
+    names = [e["name"] for e in container["env"]]
+    assert env_value(container, "POD_IP") == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # $(POD_IP) is expanded only from variables defined before it.
+    assert names.index("POD_IP") < names.index("MEDMESH_ADAPTER_ADDRESS")
+    port = int(env_value(container, "MEDMESH_GRPC_PORT"))
+    assert env_value(container, "MEDMESH_ADAPTER_ADDRESS") == f"$(POD_IP):{port}"
+    assert container_ports(deployment("mqtt-adapter"))["grpc"] == port
+
+
 def test_peer_addresses_match_the_services() -> None:
     config = base_config()
     services = by_name("Service")
@@ -445,7 +461,7 @@ def test_peer_addresses_match_the_services() -> None:
 @pytest.mark.parametrize("name", PYTHON_DEPLOYMENTS)
 def test_each_component_is_told_where_the_peers_it_calls_are(name: str) -> None:
     env = effective_env(deployment(name))
-    for peer in CALLS[name]:
+    for peer in CALLS[name] - DIALLED_PER_CONNECTION:
         # Unset, the code falls back to 127.0.0.1, which in a pod is nobody.
         assert env.get(f"MEDMESH_{peer.upper()}_ADDR") == f"{peer}:{DEFAULT_GRPC_PORTS[peer]}"
 
@@ -457,11 +473,20 @@ def test_the_code_calls_no_peer_the_manifests_do_not_admit() -> None:
     found: dict[str, set[str]] = {}
     for name in PYTHON_DEPLOYMENTS:
         package = ROOT.joinpath(*str(python_module(deployment(name))).split("."))
-        found[name] = {m for f in package.rglob("*.py") for m in PEER_CHANNEL.findall(f.read_text(encoding="utf-8"))}
+        found[name] = {
+            # peer_channel takes the DEFAULT_GRPC_PORTS name (mqtt_adapter); CALLS the Deployment's.
+            m.replace("_", "-")
+            for f in package.rglob("*.py")
+            for m in PEER_CHANNEL.findall(f.read_text(encoding="utf-8"))
+        }
         assert found[name] <= CALLS[name], (
             f"{name} dials {found[name] - CALLS[name]}: add them to CALLS and the policies"
         )
     assert found["device"] >= {"organization", "audit"}, "the scan finds nothing: has peer_channel been renamed?"
+    # Adapters are dialled through a factory the service passes to the shared AdapterNotifier: the
+    # scan sees those calls only because the services, not the runtime, name the peer.
+    assert "mqtt-adapter" in found["command"]
+    assert "mqtt-adapter" in found["device"]
 
 
 @pytest.mark.parametrize("name", PYTHON_DEPLOYMENTS)
@@ -535,6 +560,16 @@ def test_the_adapter_trusts_the_device_ca_certificate_alone() -> None:
     # Its own Secret carries its server certificate and key; device trust comes from the device CA only.
     [tls] = [v for v in pod_spec(adapter)["volumes"] if v.get("secret", {}).get("secretName") == "mqtt-adapter-tls"]
     assert [item["key"] for item in tls["secret"]["items"]] == ["tls.crt", "tls.key"]
+
+
+def test_the_adapter_serves_mqtt_where_the_load_balancer_sends_devices() -> None:
+    adapter = deployment("mqtt-adapter")
+    [container] = containers(adapter)
+    assert env_value(container, "MEDMESH_MQTT_HOST") == "0.0.0.0"  # the code's default is loopback
+    assert int(env_value(container, "MEDMESH_MQTT_PORT")) == container_ports(adapter)["mqtts"]
+    for variable, key in (("MEDMESH_MQTT_TLS_CERT_FILE", "tls.crt"), ("MEDMESH_MQTT_TLS_KEY_FILE", "tls.key")):
+        volume, mounted_key = mounted_file(adapter, env_value(container, variable))
+        assert (volume["secret"]["secretName"], mounted_key) == ("mqtt-adapter-tls", key)
 
 
 S3_CREDENTIALS = {
@@ -731,6 +766,8 @@ def test_the_gateway_routes_to_every_grpc_service() -> None:
         ("mqtt-adapter", "observation", 50056),
         ("mqtt-adapter", "command", 50057),
         ("mqtt-adapter", "file", 50058),
+        ("command", "mqtt-adapter", 50060),
+        ("device", "mqtt-adapter", 50060),
         *[(caller, "device", 50052) for caller in ("observation", "command", "file", "alert")],
         *[
             (caller, "identity", 50053)
@@ -786,6 +823,12 @@ def test_intended_flows_are_allowed(source: str | None, target: str, port: int) 
         ("audit", "organization", 50051),
         ("identity", "device", 50052),
         ("gateway", "mqtt-adapter", 50060),
+        # Only command and device push to devices; nobody else reaches the adapter's internal API.
+        *[
+            (caller, "mqtt-adapter", 50060)
+            for caller in ("organization", "identity", "patient", "audit", "observation", "file", "alert")
+        ],
+        ("mqtt-adapter", "mqtt-adapter", 50060),
     ],
 )
 def test_other_flows_are_denied(source: str | None, target: str, port: int) -> None:
