@@ -7,6 +7,7 @@ medmesh down          stop a detached platform; no process is left behind
 medmesh login         log in (as the first platform admin unless --username is given)
 medmesh token         print a valid access token: curl -H "Authorization: Bearer $(medmesh token)"
 medmesh logout        revoke the saved session
+medmesh simulate      simulated devices stream into the running platform: --devices N --rate R
 """
 
 from __future__ import annotations
@@ -248,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
     login.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     commands.add_parser("token", help="print a valid access token (logs in as the admin if needed)")
     commands.add_parser("logout", help="revoke the saved session")
+    simulate = commands.add_parser("simulate", help="simulated devices streaming into the running platform")
+    simulate.add_argument("--devices", "-n", type=int, default=10, help="how many devices (default 10)")
+    simulate.add_argument(
+        "--rate", "-r", type=float, default=1.0, help="messages per second per device, 3 observations each (default 1)"
+    )
+    simulate.add_argument("--duration", "-t", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    simulate.add_argument("--prefix", default="SIM", help="device ids are PREFIX-0001, PREFIX-0002, ... (default SIM)")
     commands.add_parser("_supervise", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = PlatformConfig.from_env()
@@ -267,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_token(config)
     if args.command == "logout":
         return cmd_logout(config)
+    if args.command == "simulate":
+        from medmesh.launcher import simulate as simulator  # the device SDK loads only for this command
+
+        return simulator.run(config, args.devices, args.rate, args.duration, args.prefix, say)
     return cmd_logs(config, args.component, args.n)
 
 
