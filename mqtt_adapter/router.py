@@ -105,7 +105,10 @@ class UplinkRouter:
                     )
                 )
                 reply["file"] = created.file.name
-                reply["upload"] = json_format.MessageToDict(created.upload, preserving_proto_field_name=True)
+                upload = json_format.MessageToDict(created.upload, preserving_proto_field_name=True)
+                if "part_size" in upload:
+                    upload["part_size"] = int(upload["part_size"])  # int64 is a string in proto JSON
+                reply["upload"] = upload
             else:
                 completed = file_pb.CompleteDeviceFileRequest(device=device, name=str(fields.get("file", "")))
                 for part in fields.get("parts", []) or []:
