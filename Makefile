@@ -37,6 +37,7 @@ $(GEN_STAMP): $(VENV)/.synced $(PROTOS) tools/protogen.py
 
 setup: $(VENV)/.synced $(GEN_STAMP)
 	tools/install-ferretdb.sh
+	tools/install-mosquitto.sh
 	$(BIN)/medmesh init
 
 up: setup
