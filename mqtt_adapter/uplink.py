@@ -39,7 +39,6 @@ class _Pending:
     device: str
     topic: str
     batch: ObservationBatch
-    context: trace.SpanContext
 
 
 @dataclass
@@ -75,14 +74,11 @@ class ObservationPipeline:
 
     async def submit(self, device: str, topic: str, batch: ObservationBatch) -> None:
         """Queues one message's observations; waits while too much is queued (back-pressure on the device)."""
-        with tracer.start_as_current_span("mqtt.observations.receive", attributes={"medmesh.device": device}) as span:
-            span.set_attribute("medmesh.observations", len(batch.observations))
-            context = span.get_span_context()
         if not batch.observations:
             self._reject(device, topic, batch.rejected, len(batch.rejected))
             return
         await self._room.wait()
-        self._waiting.append(_Pending(device, topic, batch, context))
+        self._waiting.append(_Pending(device, topic, batch))
         self._waiting_count += len(batch.observations)
         if self._waiting_count >= self._max_waiting:
             self._room.clear()
@@ -127,10 +123,11 @@ class ObservationPipeline:
                 for start in range(0, len(items), MAX_PER_DEVICE_REQUEST):
                     requests.append((pending.device, items[start : start + MAX_PER_DEVICE_REQUEST]))
                     owners.append(index)
-            links = [trace.Link(p.context) for p in taken[1:]]
-            parent = trace.set_span_in_context(trace.NonRecordingSpan(taken[0].context))
-            with tracer.start_as_current_span("mqtt.observations.write", context=parent, links=links) as span:
+            # One trace per write, from here through the observation service to its database write.
+            # (Not a span per message: at 2,000 messages/s that cost the adapter 9% of its time.)
+            with tracer.start_as_current_span("mqtt.observations.write") as span:
                 span.set_attribute("medmesh.messages", len(taken))
+                span.set_attribute("medmesh.devices", len({p.device for p in taken}))
                 span.set_attribute("medmesh.observations", sum(len(r[1]) for r in requests))
                 try:
                     responses = await self._sink.write(requests)
