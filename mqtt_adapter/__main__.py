@@ -23,7 +23,7 @@ from medmesh.runtime.server import ServiceBinding, configure_process, serve
 from medmesh.runtime.settings import Settings
 from mqtt_adapter.broker import DeviceBroker, device_tls_context
 from mqtt_adapter.connections import Connections
-from mqtt_adapter.downlink import KIND_OF_PENDING, Deliveries
+from mqtt_adapter.downlink import KIND_OF_PENDING, Deliveries, Kind
 from mqtt_adapter.mesh import CommandQueue, DeviceRegistry, FileDesk, Mesh, ObservationSink
 from mqtt_adapter.router import UplinkRouter
 from mqtt_adapter.uplink import ObservationPipeline
@@ -47,8 +47,12 @@ class AdapterInternalServicer(adapter_grpc.AdapterInternalServiceServicer):  # t
     ) -> adapter_pb.NotifyDeviceResponse:
         if not self._connections.holds(request.device):
             return adapter_pb.NotifyDeviceResponse(connected=False)
+        if request.commands:
+            self._deliveries.push_commands(request.device, list(request.commands))
         for pending in request.pending:
-            self._deliveries.request(request.device, KIND_OF_PENDING[pending])
+            kind = KIND_OF_PENDING[pending]
+            if not (kind is Kind.COMMANDS and request.commands):  # what came along needs no listing
+                self._deliveries.request(request.device, kind)
         return adapter_pb.NotifyDeviceResponse(connected=True)
 
 

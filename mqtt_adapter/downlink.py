@@ -1,21 +1,23 @@
 """Cloud -> device: desired configuration and commands, asked from their source of truth.
 
 A delivery is triggered when a device subscribes to the topic (it is connected and ready), and
-when a service notifies this instance (`AdapterInternalService.NotifyDevice`). It always asks
-the device or command service what is pending, so a lost or repeated notification is
-harmless. Deliveries for one device and kind are coalesced: a notification that arrives while
-one runs makes it run once more, never twice at once.
+when a service notifies this instance (`AdapterInternalService.NotifyDevice`). It asks the
+device or command service what is pending, so a lost or repeated notification is harmless;
+only commands just created may come with the notification, and are published as they are.
+Deliveries for one device and kind are coalesced: a notification that arrives while one runs
+makes it run once more, never twice at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 
 import grpc
 
+from medmesh.command.v1 import command_service_pb2 as command_pb
 from medmesh.mqttadapter.v1 import adapter_internal_service_pb2 as adapter_pb
 from mqtt_adapter.connections import Connections
 from mqtt_adapter.mesh import Mesh
@@ -39,6 +41,7 @@ class Deliveries:
         self._connections = connections
         self._running: dict[tuple[str, Kind], asyncio.Task[None]] = {}
         self._again: set[tuple[str, Kind]] = set()
+        self._pushes: set[asyncio.Task[None]] = set()
 
     def request(self, device: str, kind: Kind) -> None:
         """Delivers what is pending of `kind` to the device's connections here, soon."""
@@ -67,6 +70,22 @@ class Deliveries:
         finally:
             del self._running[key]
 
+    def push_commands(self, device: str, commands: Sequence[command_pb.Command]) -> None:
+        """Publishes commands just created, as they came with the notification, without listing."""
+        task = asyncio.create_task(self._run_commands(device, commands))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _run_commands(self, device: str, commands: Sequence[command_pb.Command]) -> None:
+        for command in commands:
+            sent = await _settled(self._connections.publish(device, Downlink.COMMANDS, command_payload("run", command)))
+            if sent:
+                try:
+                    await self._mesh.commands.mark_delivered(command.name)
+                except grpc.aio.AioRpcError as error:
+                    # Over meanwhile (canceled, expired): the next listing tells the device to drop it.
+                    log.info("%s not marked delivered: %s", command.name, error.details())
+
     async def _config(self, device: str) -> None:
         pending = await self._mesh.registry.pending_config(device)
         if pending.desired_version:
@@ -75,22 +94,16 @@ class Deliveries:
 
     async def _commands(self, device: str) -> None:
         reply = await self._mesh.commands.pending(device)
-        for command in reply.commands:
-            sent = await _settled(self._connections.publish(device, Downlink.COMMANDS, command_payload("run", command)))
-            if sent:
-                try:
-                    await self._mesh.commands.mark_delivered(command.name)
-                except grpc.aio.AioRpcError as error:
-                    # Over meanwhile (canceled, expired): the next listing tells the device to drop it.
-                    log.info("%s not marked delivered: %s", command.name, error.details())
+        await self._run_commands(device, reply.commands)
         for action, commands in (("stop", reply.stop_requests), ("cancel", reply.cancellations)):
             for command in commands:
                 self._connections.publish(device, Downlink.COMMANDS, command_payload(action, command))
 
     async def close(self) -> None:
-        for task in list(self._running.values()):
+        tasks = [*self._running.values(), *self._pushes]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _settled(tasks: list[asyncio.Task[None]]) -> bool:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 
@@ -43,6 +43,8 @@ MAX_CHANNELS = 256
 # Devices with a notification waiting or in flight; beyond this, new ones are dropped (logged):
 # an adapter that cannot keep up must not make the caller's memory grow without bound.
 MAX_QUEUED_DEVICES = 10_000
+# Commands one notification carries at most (NotifyDeviceRequest's limit); the adapter lists the rest.
+MAX_PUSHED_COMMANDS = 100
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,19 @@ class GrpcDeviceConnections:
 Dial = Callable[[str], grpc.aio.Channel]
 
 
+@dataclass
+class _Round:
+    """What one notification of a device carries: kinds pending, and commands to publish as they are."""
+
+    pending: set[Pending] = field(default_factory=set)
+    commands: list[Any] = field(default_factory=list)
+
+    def add(self, pending: Iterable[Pending], commands: Sequence[Any]) -> None:
+        self.pending.update(pending)
+        self.commands.extend(commands)
+        del self.commands[:-MAX_PUSHED_COMMANDS]  # the adapter lists what does not fit
+
+
 class AdapterNotifier:
     """Tells the adapter that holds a device's connection what is pending for the device.
 
@@ -111,14 +126,17 @@ class AdapterNotifier:
         self._max_queued = max_queued_devices
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         # device -> what to send in its next round; present while its task runs.
-        self._queued: dict[str, set[Pending]] = {}
+        self._queued: dict[str, _Round] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # channels being closed: awaited, never cancelled
         self._closed = False
 
-    async def notify(self, device: str, pending: Iterable[Pending]) -> bool:
+    async def notify(self, device: str, pending: Iterable[Pending], commands: Sequence[Any] = ()) -> bool:
         """True if the adapter holding the device's connection took the notification; False if the
-        device is not connected or anything failed (logged). Never raises but CancelledError."""
+        device is not connected or anything failed (logged). Never raises but CancelledError.
+
+        `commands`, just created (`medmesh.command.v1.Command`), are published by the adapter
+        without it asking the command service what is pending."""
         kinds = sorted(set(pending))
         if not kinds or self._closed:
             return False
@@ -135,7 +153,7 @@ class AdapterNotifier:
         stub = adapter_pb_grpc.AdapterInternalServiceStub(self._channel(connection.adapter_address))
         try:
             reply = await stub.NotifyDevice(
-                adapter_pb.NotifyDeviceRequest(device=device, pending=kinds), timeout=self._timeout
+                adapter_pb.NotifyDeviceRequest(device=device, pending=kinds, commands=commands), timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
             log.warning(
@@ -156,27 +174,28 @@ class AdapterNotifier:
             log.debug("%s is no longer connected to %s", device, connection.adapter_instance)
         return bool(reply.connected)
 
-    def notify_soon(self, device: str, *pending: Pending) -> None:
+    def notify_soon(self, device: str, *pending: Pending, commands: Sequence[Any] = ()) -> None:
         """Like `notify`, in the background; returns at once."""
         if self._closed or not pending:
             return
         queued = self._queued.get(device)
         if queued is not None:
-            queued.update(pending)  # the device's task sends it in its next round
+            queued.add(pending, commands)  # the device's task sends it in its next round
             return
         if len(self._queued) >= self._max_queued:
             log.warning("not notifying %s: %d devices are waiting for their adapters", device, len(self._queued))
             return
-        self._queued[device] = set(pending)
+        self._queued[device] = _Round()
+        self._queued[device].add(pending, commands)
         task = asyncio.create_task(self._drain(device), name=f"notify {device}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _drain(self, device: str) -> None:
         try:
-            while not stop_requested() and (pending := self._queued.get(device)):
-                self._queued[device] = set()  # what arrives during this round goes in the next one
-                await self.notify(device, pending)
+            while not stop_requested() and (round_ := self._queued.get(device)) and round_.pending:
+                self._queued[device] = _Round()  # what arrives during this round goes in the next one
+                await self.notify(device, round_.pending, round_.commands)
         except Exception:  # notify logs its own failures; this is a bug, and must not go unseen
             log.exception("notifying %s failed", device)
         finally:

@@ -15,7 +15,13 @@ from medmesh.runtime.settings import Settings
 from services.command.notifier import AdapterCommandNotifier
 from services.command.repository import CommandRepository, SessionRepository
 from services.command.service import CommandService
-from services.command.servicer import INTERNAL_METHODS, INTERNAL_SERVICE, CommandInternalServicer, CommandServicer
+from services.command.servicer import (
+    INTERNAL_METHODS,
+    INTERNAL_SERVICE,
+    CommandInternalServicer,
+    CommandServicer,
+    command_to_pb,
+)
 from services.command.sweeper import DeadlineSweeper, stop_task, sweep_seconds_from_env
 
 
@@ -40,7 +46,7 @@ async def main() -> None:
         GrpcDeviceConnections(devices),
         lambda address: peer_channel("mqtt_adapter", address=address, caller=settings.service),
     )
-    service = CommandService(commands, sessions, directory, trail, AdapterCommandNotifier(adapters))
+    service = CommandService(commands, sessions, directory, trail, AdapterCommandNotifier(adapters, command_to_pb))
     sweeper = DeadlineSweeper(service, sweep_seconds)
     bindings = [
         ServiceBinding(

@@ -11,10 +11,11 @@ source of truth: a notification may be lost; it is a hint, never the delivery it
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from medmesh.runtime.adapters import PENDING_COMMANDS, AdapterNotifier
-from services.command.domain import Command
+from services.command.domain import Command, CommandState
 
 
 class CommandNotifier(Protocol):
@@ -32,8 +33,13 @@ class AdapterCommandNotifier:
     of the device's connection and the call to its adapter. Several changes to one device's
     commands while a notification is in flight make one more notification, not one each."""
 
-    def __init__(self, notifier: AdapterNotifier) -> None:
+    def __init__(self, notifier: AdapterNotifier, to_pb: Callable[[Command], Any]) -> None:
         self._notifier = notifier
+        self._to_pb = to_pb  # the servicer's translation (medmesh.command.v1.Command)
 
     async def command_changed(self, command: Command) -> None:
-        self._notifier.notify_soon(command.device, PENDING_COMMANDS)
+        if command.state is CommandState.PENDING and command.revision == 1:
+            # Just created: the adapter publishes it as it is, without listing what is pending.
+            self._notifier.notify_soon(command.device, PENDING_COMMANDS, commands=[self._to_pb(command)])
+        else:
+            self._notifier.notify_soon(command.device, PENDING_COMMANDS)

@@ -36,6 +36,7 @@ class Notification:
     pending: tuple[int, ...]
     caller: str  # x-medmesh-caller
     received: float  # time.monotonic()
+    commands: tuple[str, ...] = ()  # names of the commands pushed with it
 
 
 class StubAdapter(adapter_pb_grpc.AdapterInternalServiceServicer):  # type: ignore[misc]
@@ -53,7 +54,11 @@ class StubAdapter(adapter_pb_grpc.AdapterInternalServiceServicer):  # type: igno
     ) -> adapter_pb.NotifyDeviceResponse:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         notification = Notification(
-            request.device, tuple(request.pending), metadata.get("x-medmesh-caller", ""), time.monotonic()
+            request.device,
+            tuple(request.pending),
+            metadata.get("x-medmesh-caller", ""),
+            time.monotonic(),
+            tuple(command.name for command in request.commands),
         )
         self.notifications.append(notification)
         self.arrivals.put_nowait(notification)

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import timedelta
 
 import grpc
@@ -22,8 +23,9 @@ from medmesh.runtime.adapters import (
 )
 from medmesh.runtime.clients import peer_channel
 from medmesh.runtime.resources import now
-from services.command.domain import CommandRequest, new_command
+from services.command.domain import CommandRequest, CommandState, new_command
 from services.command.notifier import AdapterCommandNotifier
+from services.command.servicer import command_to_pb
 from tests.unit.adapter_stub import StubAdapter, serving_stub_adapter
 
 MESH_TOKEN = "adapter-notifier-test-credential"
@@ -373,7 +375,7 @@ async def test_a_command_change_notifies_pending_commands_without_waiting(
     )
 
     started = time.monotonic()
-    await AdapterCommandNotifier(notifier).command_changed(command)
+    await AdapterCommandNotifier(notifier, command_to_pb).command_changed(command)
     returned = time.monotonic() - started
     told = await stub.next()
     stub.hold.set()
@@ -381,3 +383,22 @@ async def test_a_command_change_notifies_pending_commands_without_waiting(
 
     assert returned < 0.01
     assert (told.device, told.pending) == (DEVICE, (PENDING_COMMANDS,))
+    # Just created: the command itself comes along, for the adapter to publish without listing.
+    assert told.commands == (command.name,)
+
+
+async def test_a_later_change_of_a_command_only_says_commands_are_pending(
+    adapter: tuple[StubAdapter, str], connections: FakeConnections, notifier: AdapterNotifier
+) -> None:
+    stub, _ = adapter
+    connect(connections, adapter[1])
+    command = new_command(
+        "SN-1", "organizations/a", CommandRequest("reboot", ttl=timedelta(minutes=5)), "organizations/a/users/u", now()
+    )
+    canceled = replace(command, state=CommandState.CANCELED, revision=2)
+
+    await AdapterCommandNotifier(notifier, command_to_pb).command_changed(canceled)
+    told = await stub.next()
+    await notifier.wait_idle()
+
+    assert (told.pending, told.commands) == ((PENDING_COMMANDS,), ())
