@@ -3,12 +3,10 @@ connect, answered by GetDeviceConnection (internal only, over real gRPC with the
 read by the other services through GrpcDeviceConnections and by the device service from its own
 stores; and a change of the desired configuration pushed to the adapter that holds the device."""
 
+# ruff: noqa: F811 - the fixtures imported from test_device_status are test parameters here
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -17,11 +15,10 @@ from medmesh.device.v1 import device_internal_service_pb2 as internal_pb
 from medmesh.device.v1 import device_internal_service_pb2_grpc as internal_pb_grpc
 from medmesh.runtime.adapters import PENDING_CONFIG, AdapterConnection, AdapterNotifier, GrpcDeviceConnections
 from medmesh.runtime.audit import RecordingAuditTrail
-from medmesh.runtime.auth import Authenticator, Principal, Role, TokenVerifier, acting_as, internal_principal
+from medmesh.runtime.auth import Authenticator, Principal, Role, TokenVerifier, acting_as
 from medmesh.runtime.clients import peer_channel
 from medmesh.runtime.errors import NotFound, PermissionDenied
 from medmesh.runtime.interceptors import RequestInterceptor
-from medmesh.runtime.resources import now
 from services.device.domain import Device
 from services.device.internal import DeviceInternal
 from services.device.internal_servicer import INTERNAL_METHODS, DeviceInternalServicer, connection_to_pb
@@ -34,46 +31,21 @@ from tests.unit.adapter_stub import StubAdapter, serving_stub_adapter
 from tests.unit.fakes import FakeOrganizationDirectory, InMemoryRepository
 from tests.unit.test_device_fakes import InMemoryConfigStore, InMemoryStatusStore
 from tests.unit.test_device_service import StaticKeys, with_token
+from tests.unit.test_device_status import (  # the registry and the adapter's identity; fixtures too
+    DEVICE,
+    HOME,
+    KEY,
+    T0,
+    _as_the_adapter,  # noqa: F401 - autouse fixture
+    a_device,
+    at,
+    internal,  # noqa: F401 - fixture
+    statuses,  # noqa: F401 - fixture
+    store,  # noqa: F401 - fixture
+)
 
-HOME = "organizations/home"
-DEVICE = "devices/SN-1"
-KEY = "uid-SN-1"
-ADAPTER = internal_principal("mqtt_adapter")
 OPERATOR = Principal(f"{HOME}/users/op", HOME, Role.OPERATOR)
 MESH_TOKEN = "device-connection-test-credential"
-T0 = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-def a_device(serial: str = "SN-1", **values: Any) -> Device:
-    created = now()
-    return replace(Device(serial, HOME, "Pump", "IP-7", created, created, uid=f"uid-{serial}"), **values)
-
-
-@pytest.fixture(autouse=True)
-def _as_the_adapter() -> Iterator[None]:
-    with acting_as(ADAPTER):
-        yield
-
-
-@pytest.fixture
-def store() -> InMemoryRepository[Device]:
-    store: InMemoryRepository[Device] = InMemoryRepository("device")
-    store.put(a_device())
-    return store
-
-
-@pytest.fixture
-def statuses() -> InMemoryStatusStore:
-    return InMemoryStatusStore()
-
-
-@pytest.fixture
-def internal(store: InMemoryRepository[Device], statuses: InMemoryStatusStore) -> DeviceInternal:
-    return DeviceInternal(store, InMemoryConfigStore(), statuses)
 
 
 async def report(
