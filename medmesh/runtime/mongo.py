@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from medmesh.runtime.settings import Settings
@@ -22,6 +23,25 @@ def connect(settings: Settings) -> tuple[AsyncMongoClient[Document], AsyncDataba
         connectTimeoutMS=3000,
     )
     return client, client[settings.mongodb_database]
+
+
+_SCANS_ANYWAY: dict[int, bool] = {}  # per client: the backend answers every query by scanning
+
+
+async def create_query_index(collection: AsyncCollection[Document], keys: Sequence[tuple[str, int]]) -> None:
+    """A secondary index that serves queries: created on MongoDB, not on FerretDB.
+
+    FerretDB v1 answers every query but by `_id` by scanning, index or not (measured: a find by
+    device sorted by time took 1.1-1.6 s over 12,000 observations either way), while each index
+    costs every write: FerretDB's CPU per inserted observation went from 48 to 86 us with the
+    observation service's three query indexes. Unique indexes are constraints and always made.
+    """
+    client_key = id(collection.database.client)
+    if client_key not in _SCANS_ANYWAY:
+        info = await collection.database.client.admin.command("buildInfo")
+        _SCANS_ANYWAY[client_key] = "ferretdbFeatures" in info or "ferretdb" in info
+    if not _SCANS_ANYWAY[client_key]:
+        await collection.create_index(list(keys))
 
 
 async def ping(database: AsyncDatabase[Document]) -> None:

@@ -10,7 +10,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from medmesh.runtime.filtering import Condition, mongo_query
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.alert.domain import Alert, AlertRule, AlertState, Operator, RuleState, Severity
 
@@ -24,10 +24,10 @@ class AlertRepository(MongoRepository[Alert]):
         # conditional updates on FerretDB are not.
         await self._collection.create_index([("active_key", 1)], unique=True)
         # Lists are newest first within an organization, often narrowed to the active ones, a device or a patient.
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("state", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("device", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("patient", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("state", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("device", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("patient", 1), ("_id", 1)])
 
     async def list(self, conditions: Sequence[Condition], after: str | None, limit: int) -> list[Alert]:
         """Newest first: descending ids (they are time-ordered), resuming below `after`."""
@@ -87,8 +87,8 @@ class AlertRuleRepository(MongoRepository[AlertRule]):
 
     async def ensure_indexes(self) -> None:
         # Evaluation reads an organization's enabled rules; lists go by organization in `_id` order.
-        await self._collection.create_index([("organization", 1), ("enabled", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("enabled", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
 
     def to_document(self, resource: AlertRule) -> Document:
         return {
@@ -137,7 +137,7 @@ class RuleStateRepository:
         self._collection = database[self.collection_name]
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("rule", 1)])
+        await create_query_index(self._collection, [("rule", 1)])
 
     async def get(self, state_id: str) -> RuleState | None:
         document = await self._collection.find_one({"_id": state_id})

@@ -12,7 +12,7 @@ from pymongo.errors import BulkWriteError
 
 from medmesh.runtime.audit_outbox import event_from_document, event_to_document
 from medmesh.runtime.filtering import Condition, mongo_query
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from services.audit.domain import AuditEvent
 
 DUPLICATE_KEY = 11000
@@ -34,9 +34,9 @@ class AuditEventRepository:
         # Every list is newest first (`_id` descending) within an organization, optionally narrowed
         # to one resource (who touched this patient?) or one actor (what did this user do?).
         # Platform-wide lists (`organizations/-`) use the `_id` index itself.
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("resource", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("actor.subject", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("resource", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("actor.subject", 1), ("_id", 1)])
 
     async def insert_batch(self, events: Sequence[AuditEvent]) -> InsertResult:
         """Stores each event once: an id already stored (a resend) counts as a duplicate, not an error."""

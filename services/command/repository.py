@@ -18,7 +18,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository, R
 from services.command.domain import Command, CommandState, Session, SessionState
 
@@ -105,12 +105,12 @@ class CommandRepository(RevisionedRepository[Command]):
 
     async def ensure_indexes(self) -> None:
         # Listing: a device's commands in `_id` order (optionally one organization's).
-        await self._collection.create_index([("device", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("device", 1), ("_id", 1)])
         # What a device is to be told, oldest first.
-        await self._collection.create_index([("device", 1), ("state", 1), ("create_time", 1)])
+        await create_query_index(self._collection, [("device", 1), ("state", 1), ("create_time", 1)])
         # The sweeper: commands whose deadline or expire time has passed.
-        await self._collection.create_index([("state", 1), ("deadline", 1)])
-        await self._collection.create_index([("state", 1), ("expire_time", 1)])
+        await create_query_index(self._collection, [("state", 1), ("deadline", 1)])
+        await create_query_index(self._collection, [("state", 1), ("expire_time", 1)])
 
     async def pending(self, device: str, at: datetime, limit: int) -> list[Command]:
         query = {"device": device, "state": CommandState.PENDING.value, "expire_time": {"$gt": at}}
@@ -200,9 +200,9 @@ class SessionRepository(RevisionedRepository[Session]):
     resource_label = "session"
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("device", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("device", 1), ("_id", 1)])
         # The sweeper's repair pass: sessions waiting for a command, oldest change first.
-        await self._collection.create_index([("state", 1), ("update_time", 1)])
+        await create_query_index(self._collection, [("state", 1), ("update_time", 1)])
 
     async def awaiting_command(self, changed_before: datetime, limit: int) -> list[Session]:
         """Sessions waiting for a session command, unchanged since `changed_before`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.device.certificates import DeviceCertificate, Revocation, RevocationReason
 from services.device.credentials import TemporaryCredential
@@ -19,7 +19,7 @@ class CertificateRepository(MongoRepository[DeviceCertificate]):
 
     async def ensure_indexes(self) -> None:
         # A device's certificates in serial order; the adapter's lookup by fingerprint.
-        await self._collection.create_index([("device_id", 1), ("device_registration", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("device_id", 1), ("device_registration", 1), ("_id", 1)])
         await self._collection.create_index("sha256_fingerprint", unique=True)
 
     async def find_by_fingerprint(self, fingerprint: str) -> DeviceCertificate | None:
@@ -99,7 +99,7 @@ class TemporaryCredentialRepository(MongoRepository[TemporaryCredential]):
 
     async def ensure_indexes(self) -> None:
         # The sweep deletes by expiry (FerretDB has no TTL indexes to do it).
-        await self._collection.create_index("expire_time")
+        await create_query_index(self._collection, [("expire_time", 1)])
 
     async def delete_expired(self, before: datetime) -> int:
         result = await self._collection.delete_many({"expire_time": {"$lt": before}})

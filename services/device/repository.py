@@ -17,7 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from medmesh.runtime.errors import AlreadyExists
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.device.domain import Device
 from services.device.status import (
@@ -39,12 +39,12 @@ class DeviceRepository(MongoRepository[Device]):
     async def ensure_indexes(self) -> None:
         # List scope: the devices an organization owns or was lent; filters by owner, care
         # organization, patient (which device does this patient use), model and type.
-        await self._collection.create_index([("organizations", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("care_organization", 1), ("_id", 1)])
-        await self._collection.create_index([("patient", 1), ("_id", 1)])
-        await self._collection.create_index([("model", 1), ("_id", 1)])
-        await self._collection.create_index([("device_type", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organizations", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("care_organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("patient", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("model", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("device_type", 1), ("_id", 1)])
         await self._backfill_organizations()
 
     async def _backfill_organizations(self) -> None:
@@ -176,8 +176,8 @@ class StatusRepository:
         self._parts = database["device_status"]
 
     async def ensure_indexes(self) -> None:
-        await self._sessions.create_index([("device_key", 1), ("connect_time", -1), ("session_id", -1)])
-        await self._parts.create_index([("device_key", 1)])
+        await create_query_index(self._sessions, [("device_key", 1), ("connect_time", -1), ("session_id", -1)])
+        await create_query_index(self._parts, [("device_key", 1)])
 
     async def newest_session(self, device_key: str) -> Session | None:
         document = await self._sessions.find_one(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.file.domain import Ending, File, FileState, Settlement
 
@@ -28,10 +28,10 @@ class FileRepository(MongoRepository[File]):
     async def ensure_indexes(self) -> None:
         # Listing is per organization in `_id` order, filtered by device or patient; the sweeper
         # looks for PENDING files by expiry; retried creates find their file by `request_key`.
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("device", 1), ("_id", 1)])
-        await self._collection.create_index([("patient", 1), ("_id", 1)])
-        await self._collection.create_index([("state", 1), ("upload_expire_time", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("device", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("patient", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("state", 1), ("upload_expire_time", 1)])
         await self._collection.create_index([("request_key", 1)], unique=True)
 
     async def find_by_request_key(self, request_key: str) -> File | None:

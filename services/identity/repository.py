@@ -11,7 +11,7 @@ from pymongo.errors import DuplicateKeyError
 
 from medmesh.runtime.auth import Role
 from medmesh.runtime.errors import AlreadyExists
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.identity.domain import (
     LoginFailures,
@@ -30,8 +30,8 @@ class UserRepository(MongoRepository[User]):
     async def ensure_indexes(self) -> None:
         # Usernames are unique across the platform; the service stores them lower-cased.
         await self._collection.create_index([("username", 1)], unique=True)
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("organization", 1), ("role", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("role", 1), ("_id", 1)])
 
     async def insert(self, resource: User) -> None:
         try:
@@ -87,7 +87,7 @@ class ServiceAccountRepository(MongoRepository[ServiceAccount]):
     resource_label = "service_account"
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
 
     def to_document(self, resource: ServiceAccount) -> Document:
         return {
@@ -115,7 +115,7 @@ class ServiceAccountKeyRepository(MongoRepository[ServiceAccountKey]):
     resource_label = "service_account_key"
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("service_account", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("service_account", 1), ("_id", 1)])
 
     async def delete_for_service_account(self, service_account: str) -> int:
         result = await self._collection.delete_many({"service_account": service_account})
@@ -158,10 +158,10 @@ class RefreshTokenRepository:
         self._uses = database["refresh_token_uses"]
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("family", 1)])
-        await self._collection.create_index([("subject", 1)])
-        await self._collection.create_index([("expire_time", 1)])
-        await self._uses.create_index([("expire_time", 1)])
+        await create_query_index(self._collection, [("family", 1)])
+        await create_query_index(self._collection, [("subject", 1)])
+        await create_query_index(self._collection, [("expire_time", 1)])
+        await create_query_index(self._uses, [("expire_time", 1)])
 
     async def insert(self, token: RefreshToken) -> None:
         await self._collection.insert_one(
@@ -232,8 +232,8 @@ class LoginFailureRepository:
         self._collection = database["login_failures"]
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("username", 1), ("time", -1)])
-        await self._collection.create_index([("time", 1)])
+        await create_query_index(self._collection, [("username", 1), ("time", -1)])
+        await create_query_index(self._collection, [("time", 1)])
 
     async def get(self, username: str) -> LoginFailures | None:
         latest = await self._collection.find_one({"username": username}, sort=[("time", -1)])
@@ -263,7 +263,7 @@ class SigningKeyRepository:
         self._collection = database["signing_keys"]
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("activate_time", 1)])
+        await create_query_index(self._collection, [("activate_time", 1)])
 
     async def insert(self, key: SigningKey) -> None:
         await self._collection.insert_one(

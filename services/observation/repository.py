@@ -49,7 +49,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from medmesh.runtime.filtering import Condition, mongo_query
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from services.observation.domain import Observation, Waveform
 
 DUPLICATE_KEY = 11000
@@ -83,11 +83,11 @@ class ObservationRepository:
         # What each index serves is listed in the module docstring.
         observations = self._collection
         await observations.create_index([("device", ASCENDING), ("message_id", ASCENDING)], unique=True)
-        await observations.create_index([("device", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)])
+        await create_query_index(observations, [("device", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)])
         by_series = ["organization", "device", "metric", "time", "_id"]
-        await observations.create_index([(key, ASCENDING) for key in by_series])
-        await observations.create_index([("patient", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)])
-        await self._series.create_index([("device", ASCENDING), ("organization", ASCENDING)])
+        await create_query_index(observations, [(key, ASCENDING) for key in by_series])
+        await create_query_index(observations, [("patient", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)])
+        await create_query_index(self._series, [("device", ASCENDING), ("organization", ASCENDING)])
 
     # --- ingest -------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.organization.domain import Organization, OrganizationKind
 
@@ -12,8 +12,8 @@ class OrganizationRepository(MongoRepository[Organization]):
     resource_label = "organization"
 
     async def ensure_indexes(self) -> None:
-        await self._collection.create_index([("kind", 1), ("_id", 1)])
-        await self._collection.create_index([("display_name", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("kind", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("display_name", 1), ("_id", 1)])
 
     def to_document(self, resource: Organization) -> Document:
         return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from medmesh.runtime.mongo import Document
+from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.patient.domain import Contact, Patient, Sex
 
@@ -15,8 +15,8 @@ class PatientRepository(MongoRepository[Patient]):
 
     async def ensure_indexes(self) -> None:
         # Listing is by organization in `_id` order; `devices = "devices/X"` finds a device's patient.
-        await self._collection.create_index([("organization", 1), ("_id", 1)])
-        await self._collection.create_index([("devices", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("organization", 1), ("_id", 1)])
+        await create_query_index(self._collection, [("devices", 1), ("_id", 1)])
 
     def to_document(self, resource: Patient) -> Document:
         return {
