@@ -225,6 +225,38 @@ async def test_a_devices_queue_is_bounded(world: World, monkeypatch: pytest.Monk
     await create(world, SN2, by=CLINICIAN_B)
 
 
+async def test_a_devices_waiting_commands_are_counted_once_per_period(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counted: list[str] = []
+    count_pending = world.commands.count_pending
+
+    async def counting(device: str) -> int:
+        counted.append(device)
+        return await count_pending(device)
+
+    monkeypatch.setattr(world.commands, "count_pending", counting)
+    monkeypatch.setattr(service_module, "MAX_PENDING_PER_DEVICE", 3)
+
+    for _ in range(3):
+        await create(world)  # one count, then this instance's own creates keep it up to date
+    await refused(
+        OPERATOR_A,
+        world.service.create_command(SN1, CommandRequest("reboot")),
+        ResourceExhausted,
+        "TOO_MANY_PENDING_COMMANDS",
+    )
+    assert counted == [SN1]
+    world.clock.advance(service_module.PENDING_COUNT_PERIOD.total_seconds())
+    await refused(
+        OPERATOR_A,
+        world.service.create_command(SN1, CommandRequest("reboot")),
+        ResourceExhausted,
+        "TOO_MANY_PENDING_COMMANDS",
+    )
+    assert counted == [SN1, SN1]  # read again once the period is over
+
+
 async def test_a_failing_notifier_does_not_fail_the_create(world: World) -> None:
     world.notifier.failing = True
 
