@@ -12,7 +12,7 @@ import protovalidate
 from google.protobuf import message as pb_message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, OperationFailure
 
 from medmesh.runtime.auth import Authenticator, acting_as, source_ip
 from medmesh.runtime.errors import DomainError, FieldViolation, Internal, InvalidArgument, Unavailable
@@ -20,6 +20,12 @@ from medmesh.runtime.errors import DomainError, FieldViolation, Internal, Invali
 log = logging.getLogger(__name__)
 
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _busy(error: OperationFailure) -> bool:
+    """FerretDB's SQLite answers `database is locked` when writers wait past its busy timeout:
+    overload, not a bug, so the caller is told to retry (UNAVAILABLE) rather than INTERNAL."""
+    return "SQLITE_BUSY" in str(error) or "database is locked" in str(error)
 
 
 def to_rpc_status(error: DomainError, domain: str) -> status_pb2.Status:
@@ -103,7 +109,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     return await inner(request, context)
             except DomainError as error:
                 await context.abort_with_status(rpc_status.to_status(to_rpc_status(error, self._domain)))
-            except ConnectionFailure as error:
+            except (ConnectionFailure, OperationFailure) as error:
+                if isinstance(error, OperationFailure) and not _busy(error):
+                    log.exception("unhandled error in %s", method)
+                    internal = Internal("internal error; the service log has the details")
+                    await context.abort_with_status(rpc_status.to_status(to_rpc_status(internal, self._domain)))
                 log.warning("database unavailable in %s: %s", method, error)
                 unavailable = Unavailable(
                     "the service's database is unavailable, retry later", reason="DATABASE_UNAVAILABLE"

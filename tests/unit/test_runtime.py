@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2
 from grpc_status import rpc_status
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import ConnectionFailure, OperationFailure
 
 from medmesh.device.v1 import device_service_pb2 as device_pb
 from medmesh.organization.v1 import organization_service_pb2 as organization_pb
@@ -579,6 +579,13 @@ async def test_interceptor_maps_domain_errors(organization_stub: tuple[Any, Brok
     [
         (RuntimeError("boom"), grpc.StatusCode.INTERNAL, "INTERNAL"),
         (ConnectionFailure("db down"), grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE"),
+        # FerretDB's SQLite, overloaded: writers waited past the busy timeout.
+        (
+            OperationFailure("UpdateAll: database is locked (5) (SQLITE_BUSY)", code=1),
+            grpc.StatusCode.UNAVAILABLE,
+            "DATABASE_UNAVAILABLE",
+        ),
+        (OperationFailure("unknown operator: $frob", code=2), grpc.StatusCode.INTERNAL, "INTERNAL"),
     ],
 )
 async def test_interceptor_maps_unexpected_failures(
