@@ -126,7 +126,7 @@ class WatchingAlertService:
     def __init__(self) -> None:
         self.sent: list[list[tuple[str, str]]] = []
 
-    async def EvaluateObservations(self, request: Any, **options: Any) -> Any:  # as the stub is called
+    async def EvaluateObservations(self, request: Any, timeout: float) -> Any:
         self.sent.append([(s.organization, s.metric) for s in request.samples])
         organizations = sorted({s.organization for s in request.samples})
         watched = {"organizations/a": ["heart_rate"]}
