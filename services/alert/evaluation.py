@@ -83,8 +83,6 @@ class RuleCache:
 class Evaluation:
     raised: list[Alert] = field(default_factory=list)
     cleared: list[Alert] = field(default_factory=list)
-    # Per organization of the samples: the metrics its enabled rules watch (callers skip the rest).
-    watched: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 class RuleEvaluator:
@@ -105,9 +103,7 @@ class RuleEvaluator:
         checked = [require_sample(sample, f"samples[{index}]") for index, sample in enumerate(samples)]
         result = Evaluation()
         for (organization, device), group in samples_by_device(checked):
-            rules = await self._rules.enabled_rules(organization)
-            result.watched[organization] = frozenset(rule.metric for rule in rules)
-            for rule in rules:
+            for rule in await self._rules.enabled_rules(organization):
                 relevant = [s for s in group if s.metric == rule.metric]
                 if relevant and rule.watches(device):
                     key = rule_key(rule.name, device)

@@ -173,10 +173,5 @@ class AlertInternalServicer(pb_grpc.AlertInternalServiceServicer):
     ) -> pb.EvaluateObservationsResponse:
         result = await self._evaluator.evaluate([sample_from_pb(s) for s in request.samples])
         return pb.EvaluateObservationsResponse(
-            raised_alerts=[a.name for a in result.raised],
-            cleared_alerts=[a.name for a in result.cleared],
-            watched_metrics=[
-                pb.WatchedMetrics(organization=organization, metrics=sorted(metrics))
-                for organization, metrics in result.watched.items()
-            ],
+            raised_alerts=[a.name for a in result.raised], cleared_alerts=[a.name for a in result.cleared]
         )

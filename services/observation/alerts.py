@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 # outage costs ingest one failed call per interval instead of one per batch (measured: an
 # unreachable peer fails in ~0.8 s, the channel's UNAVAILABLE retries included).
 RETRY_AFTER_SECONDS = 5.0
-# How long the metrics an organization's rules watch are trusted: samples of other metrics are not
-# sent meanwhile (most are not watched: at 2,000 observations/s, sending them all cost the
-# observation service 13% of its time and kept the alert service busy for nothing). A rule
-# created meanwhile applies from the samples after that.
-WATCHED_METRICS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,37 +45,15 @@ class AlertEvaluator(Protocol):
 
 
 class GrpcAlertEvaluator:
-    """`medmesh.alert.v1.AlertInternalService/EvaluateObservations`, with the mesh credential.
-
-    Sends only samples of metrics the organization's rules watch, as the alert service last said.
-    """
+    """`medmesh.alert.v1.AlertInternalService/EvaluateObservations`, with the mesh credential."""
 
     # Long enough for a busy alert service (a timeout reads as an outage and pauses evaluation),
     # short enough that a hung one delays one ingest answer per pause by at most this much.
-    def __init__(
-        self,
-        channel: grpc.aio.Channel | None,
-        timeout: float = 2.0,
-        *,
-        stub: Any = None,
-        watched_for: float = WATCHED_METRICS_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._stub = stub or pb_grpc.AlertInternalServiceStub(channel)
+    def __init__(self, channel: grpc.aio.Channel, timeout: float = 2.0) -> None:
+        self._stub = pb_grpc.AlertInternalServiceStub(channel)
         self._timeout = timeout
-        self._watched_for = watched_for
-        self._clock = clock
-        self._watched: dict[str, tuple[float, frozenset[str]]] = {}  # organization -> (until, metrics)
-
-    def _may_matter(self, sample: ObservationSample, now: float) -> bool:
-        known = self._watched.get(sample.organization)
-        return known is None or known[0] <= now or sample.metric in known[1]
 
     async def evaluate(self, samples: Sequence[ObservationSample]) -> None:
-        now = self._clock()
-        samples = [s for s in samples if self._may_matter(s, now)]
-        if not samples:
-            return
         request = pb.EvaluateObservationsRequest(
             samples=[
                 pb.ObservationSample(
@@ -95,14 +68,11 @@ class GrpcAlertEvaluator:
             ]
         )
         try:
-            reply = await self._stub.EvaluateObservations(request, timeout=self._timeout)
+            await self._stub.EvaluateObservations(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
             raise Unavailable(
                 f"alert evaluation failed: {error.code().name}", reason="ALERT_SERVICE_UNAVAILABLE"
             ) from error
-        until = now + self._watched_for
-        for watched in reply.watched_metrics:
-            self._watched[watched.organization] = (until, frozenset(watched.metrics))
 
 
 class BestEffortAlertEvaluator:

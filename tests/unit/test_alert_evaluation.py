@@ -235,16 +235,6 @@ async def test_disabled_rules_and_other_metrics_do_nothing(setup: Setup) -> None
     assert setup.states.items == {}
 
 
-async def test_the_metrics_each_organization_watches_are_answered(setup: Setup) -> None:
-    setup.add_rule("r1", ORG_A)
-    setup.add_rule("r2", ORG_A, metric="spo2")
-    setup.add_rule("r3", ORG_A, metric="resp_rate", enabled=False)
-
-    result = await setup.evaluator.evaluate([hr(0, 70), hr(0, 70, organization=ORG_B)])
-
-    assert result.watched == {ORG_A: frozenset({"heart_rate", "spo2"}), ORG_B: frozenset()}
-
-
 async def test_each_device_has_its_own_window_and_alert(setup: Setup) -> None:
     setup.add_rule()
 

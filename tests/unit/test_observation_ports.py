@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,41 +117,6 @@ async def test_grpc_alert_evaluator_sends_the_alert_contract(serve: Any) -> None
         151.5,
     )
     assert sample.time.ToDatetime(tzinfo=UTC) == AT
-
-
-class WatchingAlertService:
-    """Answers like the alert service: organization a watches heart_rate, b nothing."""
-
-    def __init__(self) -> None:
-        self.sent: list[list[tuple[str, str]]] = []
-
-    async def EvaluateObservations(self, request: Any, timeout: float) -> Any:
-        self.sent.append([(s.organization, s.metric) for s in request.samples])
-        organizations = sorted({s.organization for s in request.samples})
-        watched = {"organizations/a": ["heart_rate"]}
-        return alert_pb.EvaluateObservationsResponse(
-            watched_metrics=[alert_pb.WatchedMetrics(organization=o, metrics=watched.get(o, [])) for o in organizations]
-        )
-
-
-async def test_grpc_alert_evaluator_sends_only_watched_metrics_until_the_answer_is_old() -> None:
-    alert_service, clock = WatchingAlertService(), Clock()
-    evaluator = GrpcAlertEvaluator(None, stub=alert_service, watched_for=5.0, clock=clock)
-    spo2 = replace(SAMPLE, metric="spo2")
-    other = replace(SAMPLE, organization="organizations/b")
-
-    await evaluator.evaluate([SAMPLE, spo2, other])  # nothing known yet: all of it
-    await evaluator.evaluate([SAMPLE, spo2, other])  # a: heart_rate only; b: nothing
-    await evaluator.evaluate([spo2, other])  # nothing that matters: no call
-    clock.now += 5.0
-    await evaluator.evaluate([spo2, other])  # the answer is old: asked again
-
-    a, b = "organizations/a", "organizations/b"
-    assert alert_service.sent == [
-        [(a, "heart_rate"), (a, "spo2"), (b, "heart_rate")],
-        [(a, "heart_rate")],
-        [(a, "spo2"), (b, "heart_rate")],
-    ]
 
 
 async def test_grpc_alert_evaluator_reports_an_unreachable_peer_as_unavailable() -> None:
