@@ -42,6 +42,7 @@ from medmesh.runtime.errors import (
 )
 from medmesh.runtime.filtering import Condition, Converter, mongo_query, parse_filter
 from medmesh.runtime.interceptors import RequestInterceptor, to_rpc_status, validation_error
+from medmesh.runtime.mongo import create_query_index
 from medmesh.runtime.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest, encode_token, page_request
 from medmesh.runtime.protoconv import timestamp
 from medmesh.runtime.resources import check_etag, etag_of, now, page_of, resolve_update_mask
@@ -681,3 +682,44 @@ async def test_a_loop_stops_when_cancelled_even_if_a_library_swallows_the_cancel
     task.cancel()
     await asyncio.wait_for(task, 1)  # returns instead of looping on
     assert rounds >= 2
+
+
+# --- query indexes --------------------------------------------------------------------------------
+
+
+class _Admin:
+    def __init__(self, build_info: dict[str, Any]) -> None:
+        self.build_info = build_info
+
+    async def command(self, name: str) -> dict[str, Any]:
+        assert name == "buildInfo"
+        return self.build_info
+
+
+class _Collection:
+    """Just what create_query_index touches: the backend's buildInfo and create_index."""
+
+    def __init__(self, build_info: dict[str, Any]) -> None:
+        client = type("Client", (), {"admin": _Admin(build_info)})()
+        self.database = type("Database", (), {"client": client})()
+        self.created: list[list[tuple[str, int]]] = []
+
+    async def create_index(self, keys: list[tuple[str, int]]) -> None:
+        self.created.append(keys)
+
+
+@pytest.mark.parametrize(
+    ("build_info", "created"),
+    [
+        ({"version": "7.0.14"}, [[("device", 1), ("time", 1)]]),  # MongoDB
+        ({"version": "7.0.42", "ferretdbFeatures": {}}, []),  # FerretDB: it would scan anyway
+    ],
+)
+async def test_query_indexes_are_made_where_the_backend_uses_them(
+    build_info: dict[str, Any], created: list[list[tuple[str, int]]]
+) -> None:
+    collection = _Collection(build_info)
+
+    await create_query_index(collection, [("device", 1), ("time", 1)])  # type: ignore[arg-type]
+
+    assert collection.created == created
