@@ -14,7 +14,7 @@ GEN_STAMP := build/proto/medmesh.binpb
 # `buf breaking` compares the protos with this git revision (skipped where it has no protos).
 BREAKING_AGAINST ?= main
 
-.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway bench-startup bench-auth clean
+.PHONY: help setup up down status test lint typecheck proto-lint proto-breaking gateway-validate unit integration k8s-gateway bench-startup bench-auth bench-mqtt clean
 
 help:
 	@echo "make up     - set up if needed, then start the platform (Ctrl-C stops it)"
@@ -23,6 +23,7 @@ help:
 	@echo "make down / make status - stop or inspect a platform started with 'medmesh up --detach'"
 	@echo "make bench-startup - time a cold make setup and a warm make up (fresh clone, empty caches)"
 	@echo "make bench-auth - time login and authenticated, audited requests through the gateway"
+	@echo "make bench-mqtt - device ingest, latency, fleet, commands and memory, medmesh beside Mosquitto (about 20 min)"
 
 $(UV):
 	$(PYTHON) -m venv $(BOOTSTRAP)
@@ -73,6 +74,9 @@ integration: setup
 
 test: lint typecheck proto-lint proto-breaking gateway-validate
 	$(BIN)/pytest -q
+
+bench-mqtt: setup
+	$(PY) tools/bench_mqtt.py $(BENCH_MQTT_ARGS)
 
 bench-startup:
 	tools/bench-startup.sh
