@@ -68,6 +68,7 @@ class MqttDevice:
         self.port = port
         self.client_id = client_id
         self.messages: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.unread: list[tuple[str, Any]] = []  # received, not yet taken by expect
         self.connack: str | None = None
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -145,21 +146,24 @@ class MqttDevice:
         assert info.is_published(), f"no PUBACK for {topic}"
 
     def expect(self, suffix: str, within: float = 10.0, where: Any = None) -> Any:
-        """The next message on `devices/{id}/{suffix}` (matching `where`), skipping others."""
+        """The first message on `devices/{id}/{suffix}` (matching `where`); others are kept for
+        later expects and `drain` (the cloud's messages on different topics come in no set order)."""
         topic = f"devices/{self.device_id}/{suffix}"
         deadline = time.monotonic() + within
         while True:
+            for index, (got_topic, payload) in enumerate(self.unread):
+                if got_topic == topic and (where is None or where(payload)):
+                    del self.unread[index]
+                    return payload
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"nothing on {topic} within {within}s"
             try:
-                got_topic, payload = self.messages.get(timeout=remaining)
+                self.unread.append(self.messages.get(timeout=remaining))
             except queue.Empty:
                 continue
-            if got_topic == topic and (where is None or where(payload)):
-                return payload
 
     def drain(self) -> list[tuple[str, Any]]:
-        items = []
+        items, self.unread = self.unread, []
         while True:
             try:
                 items.append(self.messages.get_nowait())

@@ -36,6 +36,7 @@ class Subscriber:
     def __init__(self, platform: Platform, identity: DeviceIdentity) -> None:
         self.device_id = identity.device_id
         self.lines: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.unread: list[tuple[str, Any]] = []
         arguments = [*tls_arguments(platform, identity), "-i", identity.device_id, "-q", "1", "-v"]
         self.process = subprocess.Popen(
             [str(mosquitto.binary("mosquitto_sub")), *arguments, "-t", f"devices/{identity.device_id}/#"],
@@ -56,16 +57,22 @@ class Subscriber:
                 self.lines.put((topic, payload))
 
     def expect(self, suffix: str, within: float = 10.0) -> Any:
+        """The first message on `devices/{id}/{suffix}`; others are kept for later expects (the
+        cloud sends configuration and commands in no particular order)."""
         topic = f"devices/{self.device_id}/{suffix}"
         deadline = time.monotonic() + within
-        while (remaining := deadline - time.monotonic()) > 0:
+        while True:
+            for index, (got, payload) in enumerate(self.unread):
+                if got == topic:
+                    del self.unread[index]
+                    return payload
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"mosquitto_sub printed nothing on {topic} within {within}s")
             try:
-                got, payload = self.lines.get(timeout=remaining)
+                self.unread.append(self.lines.get(timeout=remaining))
             except queue.Empty:
-                break
-            if got == topic:
-                return payload
-        raise AssertionError(f"mosquitto_sub printed nothing on {topic} within {within}s")
+                continue
 
     def close(self) -> None:
         self.process.terminate()

@@ -257,7 +257,15 @@ def test_status_reaches_the_registry(rest: httpx.Client, identity: DeviceIdentit
         "status", {"state": "MINOR", "message": "lead off", "battery_percent": 41, "firmware_version": "2.4.1"}
     )
 
-    status = eventually(lambda: (s := ok(rest.get(f"/v1/{identity.name}/status"))).get("battery_percent") == 41 and s)
+    # Each part of a status (battery, firmware, operational state) is kept on its own: wait for all.
+    status = eventually(
+        lambda: (
+            (s := ok(rest.get(f"/v1/{identity.name}/status"))).get("battery_percent") == 41
+            and s.get("firmware_version") == "2.4.1"
+            and s.get("operational", {}).get("message") == "lead off"
+            and s
+        )
+    )
     assert status["operational"]["state"] == "STATE_MINOR"
     assert (status["operational"]["message"], status["firmware_version"]) == ("lead off", "2.4.1")
 
