@@ -19,6 +19,7 @@ import grpc
 
 from medmesh.command.v1 import command_service_pb2 as command_pb
 from medmesh.mqttadapter.v1 import adapter_internal_service_pb2 as adapter_pb
+from medmesh.runtime.tasks import BackgroundTasks
 from mqtt_adapter.connections import Connections
 from mqtt_adapter.mesh import Mesh
 from mqtt_adapter.payloads import command_payload, desired_config_payload
@@ -41,7 +42,7 @@ class Deliveries:
         self._connections = connections
         self._running: dict[tuple[str, Kind], asyncio.Task[None]] = {}
         self._again: set[tuple[str, Kind]] = set()
-        self._pushes: set[asyncio.Task[None]] = set()
+        self._pushes = BackgroundTasks()
 
     def request(self, device: str, kind: Kind) -> None:
         """Delivers what is pending of `kind` to the device's connections here, soon."""
@@ -72,9 +73,7 @@ class Deliveries:
 
     def push_commands(self, device: str, commands: Sequence[command_pb.Command]) -> None:
         """Publishes commands just created, as they came with the notification, without listing."""
-        task = asyncio.create_task(self._run_commands(device, commands))
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        self._pushes.spawn(self._run_commands(device, commands))
 
     async def _run_commands(self, device: str, commands: Sequence[command_pb.Command]) -> None:
         for command in commands:
@@ -100,10 +99,9 @@ class Deliveries:
                 self._connections.publish(device, Downlink.COMMANDS, command_payload(action, command))
 
     async def close(self) -> None:
-        tasks = [*self._running.values(), *self._pushes]
-        for task in tasks:
+        for task in list(self._running.values()):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._running.values(), self._pushes.close(), return_exceptions=True)
 
 
 async def _settled(tasks: list[asyncio.Task[None]]) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable
@@ -13,6 +12,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from medmesh.file.v1 import file_service_pb2 as file_pb
+from medmesh.runtime.tasks import BackgroundTasks
 from mqtt_adapter.connections import Connection, Connections
 from mqtt_adapter.downlink import Deliveries, Kind
 from mqtt_adapter.mesh import Mesh
@@ -55,7 +55,7 @@ class UplinkRouter:
         self._connections = connections
         self._observations = observations
         self._deliveries = deliveries
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks()
 
     async def handle(self, connection: Connection, topic: str, payload: bytes | bytearray) -> None:
         """Never raises: whatever is wrong with a message is told to the device on its errors topic."""
@@ -146,9 +146,7 @@ class UplinkRouter:
                 else:
                     log.info("call for %s failed: %s", device, error.code())
 
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(run())
 
     def _error(self, device: str, topic: str, reason: str, description: str) -> None:
         if reason in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
@@ -156,6 +154,4 @@ class UplinkRouter:
         self._connections.publish(device, Downlink.ERRORS, error_payload(topic, reason, description))
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()

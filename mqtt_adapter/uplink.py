@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
 
 from medmesh.observation.v1 import observation_service_pb2 as observation_pb
-from medmesh.runtime.tasks import stop_requested
+from medmesh.runtime.tasks import BackgroundTasks, stop_requested
 from mqtt_adapter.connections import Connections
 from mqtt_adapter.mesh import ObservationSink
 from mqtt_adapter.payloads import ObservationBatch, Rejected, encode, error_payload
@@ -63,14 +63,14 @@ class ObservationPipeline:
         self._connections = connections
         self._linger = linger
         self._max_observations = max_observations
-        self._waiting: list[_Pending] = []
+        self._waiting: deque[_Pending] = deque()
         self._waiting_count = 0
         self._max_waiting = max_waiting
         self._ready = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._in_flight = asyncio.Semaphore(max_in_flight)
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes = BackgroundTasks()
 
     async def submit(self, device: str, topic: str, batch: ObservationBatch) -> None:
         """Queues one message's observations; waits while too much is queued (back-pressure on the device)."""
@@ -94,9 +94,7 @@ class ObservationPipeline:
             if not taken:
                 self._in_flight.release()
                 continue
-            task = asyncio.create_task(self._write(taken))
-            self._writes.add(task)
-            task.add_done_callback(self._writes.discard)
+            self._writes.spawn(self._write(taken))
 
     def _take(self) -> list[_Pending]:
         taken: list[_Pending] = []
@@ -104,7 +102,7 @@ class ObservationPipeline:
         while self._waiting and (
             not taken or count + len(self._waiting[0].batch.observations) <= self._max_observations
         ):
-            item = self._waiting.pop(0)
+            item = self._waiting.popleft()
             taken.append(item)
             count += len(item.batch.observations)
         self._waiting_count -= count
@@ -186,6 +184,4 @@ class ObservationPipeline:
         self._connections.publish(pending.device, Downlink.ERRORS, payload)
 
     async def close(self) -> None:
-        for task in list(self._writes):
-            task.cancel()
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._writes.close()

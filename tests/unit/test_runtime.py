@@ -46,7 +46,7 @@ from medmesh.runtime.mongo import create_query_index
 from medmesh.runtime.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageRequest, encode_token, page_request
 from medmesh.runtime.protoconv import timestamp
 from medmesh.runtime.resources import check_etag, etag_of, now, page_of, resolve_update_mask
-from medmesh.runtime.tasks import stop_requested
+from medmesh.runtime.tasks import BackgroundTasks, stop_requested
 from services.device import servicer as device_servicer
 from services.device.domain import Device
 from services.organization import servicer as organization_servicer
@@ -723,3 +723,23 @@ async def test_query_indexes_are_made_where_the_backend_uses_them(
     await create_query_index(collection, [("device", 1), ("time", 1)])  # type: ignore[arg-type]
 
     assert collection.created == created
+
+
+async def test_background_tasks_are_kept_until_done_and_cancelled_on_close() -> None:
+    tasks = BackgroundTasks()
+    finished = asyncio.Event()
+
+    async def quick() -> None:
+        finished.set()
+
+    async def forever() -> None:
+        await asyncio.Event().wait()
+
+    tasks.spawn(quick())
+    hanging = tasks.spawn(forever())
+    await finished.wait()
+    await asyncio.sleep(0)
+
+    await tasks.close()
+
+    assert hanging.cancelled()
