@@ -18,6 +18,8 @@ from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 FERRETDB_VERSION = "v1.24.2"
+# FerretDB as tools/install-ferretdb.sh builds it: the release plus the patches in tools/ferretdb/.
+FERRETDB_BUILD = f"{FERRETDB_VERSION}-medmesh.1"
 
 # Embedded defaults; the gRPC services' ports come from DEFAULT_GRPC_PORTS.
 BASE_PORTS: dict[str, int] = {
@@ -119,7 +121,7 @@ class PlatformConfig:
     @property
     def ferretdb_binary(self) -> Path:
         cache = Path(_env("MEDMESH_CACHE_DIR") or Path.home() / ".cache" / "medmesh")
-        return cache / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
+        return cache / f"ferretdb-{FERRETDB_BUILD}" / "ferretdb"
 
     @property
     def descriptor_set(self) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
-from medmesh.launcher.config import FERRETDB_VERSION
+from medmesh.launcher.config import FERRETDB_BUILD
 from medmesh.runtime.audit import RecordingAuditTrail
 from medmesh.runtime.auth import Principal, Role, acting_as
 from medmesh.runtime.directories import DeviceAssignment
@@ -224,7 +224,7 @@ async def test_measure(repository: ObservationRepository) -> None:
     assert len(latest) == 1
 
     print(
-        f"\nFerretDB {FERRETDB_VERSION}/SQLite: 10 x 500 observations stored in {ingest:.2f}s"
+        f"\nFerretDB {FERRETDB_BUILD}/SQLite: 10 x 500 observations stored in {ingest:.2f}s"
         f" ({5000 / ingest:.0f}/s); a resent batch of 500 (all duplicates) {duplicate_batch * 1000:.0f} ms;"
         f" a page of 1000 {listing * 1000:.0f} ms; aggregation over 5000 values {aggregation * 1000:.0f} ms;"
         f" latest {latest_time * 1000:.1f} ms"
