@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.mqtt_bench.runner import Settings, render, run_target, settings_dict, table  # noqa: E402
+from tools.mqtt_bench.runner import PHASES, Settings, render, run_target, settings_dict, table  # noqa: E402
 from tools.mqtt_bench.targets import MedmeshTarget, MosquittoTarget, Target, open_files_limit  # noqa: E402
 
 QUICK = Settings(
@@ -64,6 +64,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--connect-concurrency", type=int, help="idle devices connecting at once (20)")
     parser.add_argument("--connect-budget", type=float, help="seconds to connect the idle fleet, with retries (1800)")
     parser.add_argument("--cloud-workers", type=int, help="Mosquitto only: processes acking observations (2)")
+    parser.add_argument(
+        "--phases",
+        type=lambda text: tuple(p for p in text.split(",") if p),
+        help=f"comma-separated phases to run (default all: {','.join(PHASES)})",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "build" / "bench" / "mqtt.json")
     return parser.parse_args()
 
@@ -85,6 +90,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "cloud_workers": args.cloud_workers,
         "connect_concurrency": args.connect_concurrency,
         "connect_budget": args.connect_budget,
+        "phases": args.phases,
     }
     return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -102,6 +108,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     args = arguments()
     settings = settings_from(args)
+    if unknown := set(settings.phases) - set(PHASES):
+        raise SystemExit(f"unknown phases {sorted(unknown)}: choose from {','.join(PHASES)}")
     open_files_limit()
     names = ["medmesh", "mosquitto"] if args.target == "both" else [args.target]
     results: dict[str, dict[str, Any]] = {}

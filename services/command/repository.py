@@ -23,6 +23,7 @@ from medmesh.runtime.resources import MongoRepository, R
 from services.command.domain import Command, CommandState, Session, SessionState
 
 _WAITING = [CommandState.DELIVERED.value, CommandState.IN_PROGRESS.value]
+_OPEN = frozenset([CommandState.PENDING.value, *_WAITING])
 _AWAITING_COMMAND = [
     SessionState.STARTING.value,
     SessionState.PAUSING.value,
@@ -31,6 +32,14 @@ _AWAITING_COMMAND = [
 ]
 # Stop requests and cancellations listed for one device at most; both end by their deadline.
 MAX_SIGNALS = 500
+
+
+def _is_open(document: Document) -> bool:
+    """Whether the platform still has to act on this command (see CommandRepository)."""
+    state = document["state"]
+    if state == CommandState.CANCELED.value:
+        return document.get("deadline") is not None
+    return state in _OPEN
 
 
 def revision_key(resource_id: str, revision: int) -> str:
@@ -91,33 +100,84 @@ class RevisionedRepository(MongoRepository[R]):
         await self._write(document)
         return True
 
-    async def _write(self, document: Document) -> None:
-        # Forward only: a slow writer must not put an older revision back over a newer one.
-        await self._collection.replace_one(
-            {"_id": document["_id"], "revision": {"$lt": document["revision"]}}, document
-        )
+    async def _write(self, document: Document) -> bool:
+        """Writes `document` unless a newer revision is stored; True if it wrote.
+
+        Forward only: a slow writer must not put an older revision back over a newer one. The
+        check is a read by `_id`, then a replace by `_id`, rather than one replace filtered on
+        `{_id, revision: {$lt: r}}`: FerretDB pushes only an exact `_id` filter down to SQLite
+        and answers any other by reading every document of the collection. Neither form is atomic
+        there, and the log makes that safe: a stale write that slips in between is rolled
+        forward by the next `get`.
+        """
+        stored = await self._collection.find_one({"_id": document["_id"]}, {"revision": 1})
+        if stored is None or stored["revision"] >= document["revision"]:
+            return False
+        await self._collection.replace_one({"_id": document["_id"]}, document)
+        return True
 
 
 class CommandRepository(RevisionedRepository[Command]):
+    """Commands, with a working copy of the open ones.
+
+    `commands` holds every command, and serves reads by name and listings. `open_commands`
+    holds a copy of each command the platform still has to act on: PENDING, DELIVERED or
+    IN_PROGRESS, and CANCELED after delivery until its deadline (the device is told to cancel
+    it). What is pending for a device, what the sweeper times out and expires, and how many
+    wait are all answered from this small copy. On MongoDB the indexes would do without it; on
+    FerretDB, which scans a collection for any query but by `_id`, `commands` grows with every
+    command ever sent while `open_commands` stays as small as the work in hand.
+
+    The copy follows every write of a command (`insert`, `_write`). A stale copy left by a
+    writer that lost a race is dropped when the command is next acted on and turns out finished
+    (`forget_if_finished`).
+    """
+
     collection_name = "commands"
     revisions_name = "command_revisions"
+    open_collection_name = "open_commands"
     resource_label = "command"
+
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        super().__init__(database)
+        self._open = database[self.open_collection_name]
 
     async def ensure_indexes(self) -> None:
         # Listing: a device's commands in `_id` order (optionally one organization's).
         await create_query_index(self._collection, [("device", 1), ("_id", 1)])
         # What a device is to be told, oldest first.
-        await create_query_index(self._collection, [("device", 1), ("state", 1), ("create_time", 1)])
+        await create_query_index(self._open, [("device", 1), ("state", 1), ("create_time", 1)])
         # The sweeper: commands whose deadline or expire time has passed.
-        await create_query_index(self._collection, [("state", 1), ("deadline", 1)])
-        await create_query_index(self._collection, [("state", 1), ("expire_time", 1)])
+        await create_query_index(self._open, [("state", 1), ("deadline", 1)])
+        await create_query_index(self._open, [("state", 1), ("expire_time", 1)])
+
+    async def insert(self, resource: Command) -> None:
+        await super().insert(resource)
+        await self._copy(self.to_document(resource))
+
+    async def _write(self, document: Document) -> bool:
+        if not await super()._write(document):
+            return False
+        await self._copy(document)
+        return True
+
+    async def _copy(self, document: Document) -> None:
+        if _is_open(document):
+            await self._open.replace_one({"_id": document["_id"]}, document, upsert=True)
+        else:
+            await self._open.delete_one({"_id": document["_id"]})
+
+    async def forget_if_finished(self, command: Command) -> None:
+        """Drops the open copy of a finished command, which a writer that lost a race may have left."""
+        if not _is_open(self.to_document(command)):
+            await self._open.delete_one({"_id": command.id})
 
     async def pending(self, device: str, at: datetime, limit: int) -> list[Command]:
         query = {"device": device, "state": CommandState.PENDING.value, "expire_time": {"$gt": at}}
         return await self._find(query, [("create_time", 1), ("_id", 1)], limit)
 
     async def count_pending(self, device: str) -> int:
-        return await self._collection.count_documents({"device": device, "state": CommandState.PENDING.value})
+        return await self._open.count_documents({"device": device, "state": CommandState.PENDING.value})
 
     async def stop_requests(self, device: str) -> list[Command]:
         query = {"device": device, "state": CommandState.IN_PROGRESS.value, "stop_requested": True}
@@ -136,8 +196,12 @@ class CommandRepository(RevisionedRepository[Command]):
         )
         return overdue + expired
 
+    async def forget_cancellations(self, at: datetime) -> None:
+        """Cancellations whose deadline passed: the device no longer needs telling."""
+        await self._open.delete_many({"state": CommandState.CANCELED.value, "deadline": {"$lte": at}})
+
     async def _find(self, query: dict[str, Any], sort: list[tuple[str, int]], limit: int) -> list[Command]:
-        cursor = self._collection.find(query).sort(sort).limit(limit)
+        cursor = self._open.find(query).sort(sort).limit(limit)
         return [self.from_document(document) async for document in cursor]
 
     def to_document(self, resource: Command) -> Document:

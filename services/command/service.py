@@ -121,6 +121,8 @@ class CommandStore(ResourceStore[Command], Protocol):
     async def stop_requests(self, device: str) -> list[Command]: ...
     async def cancellations(self, device: str, at: datetime) -> list[Command]: ...
     async def lapsed(self, at: datetime, limit: int) -> list[Command]: ...
+    async def forget_cancellations(self, at: datetime) -> None: ...
+    async def forget_if_finished(self, command: Command) -> None: ...
 
 
 class SessionStore(ResourceStore[Session], Protocol):
@@ -237,7 +239,9 @@ class CommandService:
     async def cancel_command(self, name: str) -> Command:
         command = await self._visible_command(name, WRITE_ROLES, "cancel commands")
         at = self._clock()
-        final, changed = await self._change_command(command, lambda c: lapsed(c, at) or cancel_change(c, at))
+        final, changed = await self._change_command(
+            command, lambda c: lapsed(c, at) or cancel_change(c, at), fresh=True
+        )
         _raise_if(cancel_refusal(final))
         if changed:
             await self._notify(final)
@@ -246,7 +250,7 @@ class CommandService:
     async def stop_command(self, name: str) -> Command:
         command = await self._visible_command(name, WRITE_ROLES, "stop commands")
         at = self._clock()
-        final, changed = await self._change_command(command, lambda c: lapsed(c, at) or stop_change(c, at))
+        final, changed = await self._change_command(command, lambda c: lapsed(c, at) or stop_change(c, at), fresh=True)
         _raise_if(stop_refusal(final))
         if changed:
             await self._notify(final)
@@ -269,7 +273,7 @@ class CommandService:
         _require_internal("mark commands delivered")
         command = await self._find_command(name)
         at = self._clock()
-        final, _ = await self._change_command(command, lambda c: lapsed(c, at) or delivery_change(c, at))
+        final, _ = await self._change_command(command, lambda c: lapsed(c, at) or delivery_change(c, at), fresh=True)
         _raise_if(delivery_refusal(final))
         return final
 
@@ -280,7 +284,7 @@ class CommandService:
         command = await self._find_command(name)
         at = self._clock()
         final, _ = await self._change_command(
-            command, lambda c: lapsed(c, at) or report_change(c, state, at, result, error_message)
+            command, lambda c: lapsed(c, at) or report_change(c, state, at, result, error_message), fresh=True
         )
         _raise_if(report_refusal(final, state))
         return final
@@ -374,6 +378,7 @@ class CommandService:
         return SweepResult(commands_changed, sessions_changed)
 
     async def _sweep_commands(self, at: datetime) -> int:
+        await self._commands.forget_cancellations(at)
         changed = 0
         seen: set[str] = set()
         for _ in range(MAX_SWEEP_BATCHES):
@@ -417,18 +422,22 @@ class CommandService:
     # --- changes ------------------------------------------------------------------------------
 
     async def _change_command(
-        self, command: Command, decide: Callable[[Command], Command | None]
+        self, command: Command, decide: Callable[[Command], Command | None], *, fresh: bool = False
     ) -> tuple[Command, bool]:
         """Applies `decide` to the latest command until it claims a revision or has nothing to do.
 
+        `fresh`: `command` was just read with `get`, so the first attempt starts from it.
         Returns the command as it ends up, and whether this call changed it.
         """
+        latest: Command | None = command if fresh else None
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            current = await self._commands.get(command.id)
+            current = latest or await self._commands.get(command.id)
+            latest = None
             if current is None:
                 raise _command_not_found(command.name)
             changed = decide(current)
             if changed is None:
+                await self._commands.forget_if_finished(current)
                 return current, False
             if await self._commands.claim(changed):
                 await audit(

@@ -97,6 +97,12 @@ class InMemoryCommandStore(InMemoryRevisionedStore[Command]):
             + sorted(expired, key=lambda c: c.expire_time)[:limit]
         )
 
+    async def forget_cancellations(self, at: datetime) -> None:
+        """Nothing to do: this store answers from every command, not from a copy of the open ones."""
+
+    async def forget_if_finished(self, command: Command) -> None:
+        """As forget_cancellations."""
+
 
 class InMemorySessionStore(InMemoryRevisionedStore[Session]):
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """The command repositories: document mapping, and revision claims against a collection fake.
 
-The fake collection does what FerretDB does for the operations used here: a duplicate `_id`
-insert fails (atomic), a filtered replace matches or not. The real round trip runs in
+The fake collection does what FerretDB does for the operations used here, all by `_id`: a
+duplicate insert fails (atomic), a replace or delete matches or not. The real round trip runs in
 tests/integration/test_command_deadlines.py.
 """
 
@@ -55,7 +55,8 @@ class FakeCollection:
     def __init__(self) -> None:
         self.documents: dict[str, dict[str, Any]] = {}
 
-    async def find_one(self, query: dict[str, Any]) -> dict[str, Any] | None:
+    async def find_one(self, query: dict[str, Any], projection: Any = None) -> dict[str, Any] | None:
+        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
         document = self.documents.get(query["_id"])
         return None if document is None else dict(document)
 
@@ -64,15 +65,20 @@ class FakeCollection:
             raise DuplicateKeyError("E11000 duplicate key")
         self.documents[document["_id"]] = dict(document)
 
-    async def replace_one(self, query: dict[str, Any], document: dict[str, Any]) -> None:
-        current = self.documents.get(query["_id"])
-        if current is not None and current["revision"] < query["revision"]["$lt"]:
+    async def replace_one(self, query: dict[str, Any], document: dict[str, Any], upsert: bool = False) -> None:
+        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
+        if upsert or query["_id"] in self.documents:
             self.documents[query["_id"]] = dict(document)
+
+    async def delete_one(self, query: dict[str, Any]) -> None:
+        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
+        self.documents.pop(query["_id"], None)
 
 
 @pytest.fixture
 def database() -> dict[str, FakeCollection]:
-    return {name: FakeCollection() for name in ("commands", "command_revisions", "sessions", "session_revisions")}
+    names = ("commands", "command_revisions", "open_commands", "sessions", "session_revisions")
+    return {name: FakeCollection() for name in names}
 
 
 @pytest.fixture
@@ -164,3 +170,65 @@ async def test_a_late_write_does_not_go_back(commands: CommandRepository, databa
 
 async def test_get_of_nothing(commands: CommandRepository) -> None:
     assert await commands.get("SN-1/none") is None
+
+
+async def test_the_open_copy_follows_a_command_until_it_ends(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    open_copy = database["open_commands"].documents
+    await commands.insert(COMMAND)
+    assert open_copy[COMMAND.id]["state"] == "PENDING"
+
+    delivered = COMMAND.delivered(AT)
+    await commands.claim(delivered)
+    assert open_copy[COMMAND.id]["state"] == "DELIVERED"
+
+    await commands.claim(delivered.finished(CommandState.COMPLETED, AT, {"ok": True}, ""))
+    assert COMMAND.id not in open_copy
+
+
+async def test_a_command_canceled_after_delivery_stays_open_until_its_deadline(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    await commands.insert(COMMAND)
+    delivered = COMMAND.delivered(AT)
+    await commands.claim(delivered)
+    await commands.claim(delivered.canceled(AT))
+
+    assert database["open_commands"].documents[COMMAND.id]["state"] == "CANCELED"
+
+
+async def test_a_command_canceled_while_pending_leaves_nothing_open(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    await commands.insert(COMMAND)
+    await commands.claim(COMMAND.canceled(AT))
+
+    assert database["open_commands"].documents == {}
+
+
+async def test_a_roll_forward_updates_the_open_copy(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    await commands.insert(COMMAND)
+    delivered = COMMAND.delivered(AT)
+    await database["command_revisions"].insert_one(
+        {"_id": revision_key(COMMAND.id, 2), "revision": 2, "document": commands.to_document(delivered)}
+    )
+
+    await commands.get(COMMAND.id)
+
+    assert database["open_commands"].documents[COMMAND.id]["state"] == "DELIVERED"
+
+
+async def test_a_stale_open_copy_of_a_finished_command_is_dropped(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    finished = COMMAND.delivered(AT).finished(CommandState.COMPLETED, AT, None, "")
+    await commands.insert(finished)
+    # A writer that lost a race put an older, open revision back into the copy.
+    await database["open_commands"].insert_one(commands.to_document(COMMAND))
+
+    await commands.forget_if_finished(finished)
+
+    assert database["open_commands"].documents == {}

@@ -43,6 +43,10 @@ class Settings:
     cloud_workers: int = 2
     warmup: float = 5.0
     drain: float = 15.0
+    phases: tuple[str, ...] = ()  # run only these (names in PHASES); all when empty
+
+
+PHASES = ("ingest", "latency", "commands", "memory", "fleet", "stored")
 
 
 def _share(items: list[Any], parts: int) -> list[list[Any]]:
@@ -136,7 +140,10 @@ class Run:
             ("fleet", self._fleet),
             ("stored", self._stored),
         ]
+        chosen = self.settings.phases or PHASES
         for name, phase in phases:
+            if name not in chosen:
+                continue
             self._settle(name)
             try:
                 phase()
