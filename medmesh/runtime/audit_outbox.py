@@ -211,6 +211,7 @@ class OutboxAuditTrail:
         *,
         batch_size: int = MAX_BATCH,
         poll_interval: float = 3.0,
+        linger: float = 0.2,
         min_backoff: float = 0.2,
         max_backoff: float = 10.0,
         send_timeout: float = 10.0,
@@ -224,6 +225,7 @@ class OutboxAuditTrail:
         self._ingest = pb_grpc.AuditIngestServiceStub(audit_channel)
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._linger = linger
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
         self._send_timeout = send_timeout
@@ -297,6 +299,9 @@ class OutboxAuditTrail:
             # Woken by record(); the poll picks up events of other instances and of crashed ones.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                # Then `linger`, so a burst of events (a command's life makes three) is one batch:
+                # one read, one call and one delete, instead of each per event.
+                await asyncio.sleep(self._linger)
 
     def _failing(self, error: Exception) -> None:
         self._failed_attempts += 1
