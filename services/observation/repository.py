@@ -15,8 +15,9 @@ atomic under concurrency; a unique-index insert is. So everything here is insert
 Indexes, and the query each one serves:
 
 observations
-- `_id` (derived from device + message_id): GetObservation.
-- unique (device, message_id): the idempotency key of ingest.
+- `_id`, a hash of (device, message_id): GetObservation, and the idempotency key of ingest
+  (a unique index on (device, message_id) as well would say the same again: measured on
+  FerretDB, it cost 10 of 58 us of database CPU per observation inserted).
 - (device, time, _id): ListObservations of a device, in (time, id) keyset order, for platform
   admins (no organization condition); aggregation of a device for platform admins.
 - (organization, device, metric, time, _id): everything about a device within its data
@@ -82,7 +83,6 @@ class ObservationRepository:
     async def ensure_indexes(self) -> None:
         # What each index serves is listed in the module docstring.
         observations = self._collection
-        await observations.create_index([("device", ASCENDING), ("message_id", ASCENDING)], unique=True)
         await create_query_index(observations, [("device", ASCENDING), ("time", ASCENDING), ("_id", ASCENDING)])
         by_series = ["organization", "device", "metric", "time", "_id"]
         await create_query_index(observations, [(key, ASCENDING) for key in by_series])
