@@ -297,6 +297,21 @@ async def test_a_record_wakes_the_loop_long_before_the_poll() -> None:
     await harness.stop()
 
 
+async def test_events_recorded_together_are_delivered_in_one_batch() -> None:
+    harness = Harness(poll_interval=60.0, linger=0.1)
+    harness.start()
+    await asyncio.sleep(0.02)
+    events = [an_event() for _ in range(3)]
+
+    for event in events:  # as a command's life records them: one after another, not at once
+        await harness.trail.record(event)
+        await asyncio.sleep(0.01)
+
+    await eventually(lambda: harness.outbox == {}, within=1.0)
+    assert harness.ingest.batches == [[name_of(event) for event in events]]
+    await harness.stop()
+
+
 async def test_the_poll_delivers_events_another_instance_left() -> None:
     harness = Harness(poll_interval=0.05)
     harness.start()
