@@ -1,30 +1,68 @@
-"""The only code that touches the device service's certificate and temporary-credential collections."""
+"""The only code that touches the device service's certificate and temporary-credential collections.
+
+What the MQTT adapter asks on every connect is read by `_id` alone (see `repository.py` for
+why): a certificate by its serial, a certificate's serial by its fingerprint, a revocation by
+the serial, a temporary credential by its username.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import datetime
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from medmesh.runtime.mongo import Document, create_query_index
 from medmesh.runtime.resources import MongoRepository
 from services.device.certificates import DeviceCertificate, Revocation, RevocationReason
 from services.device.credentials import TemporaryCredential
+from services.device.repository import run_once
 
 
 class CertificateRepository(MongoRepository[DeviceCertificate]):
-    """Issued certificates, `_id` = serial; never changed after the insert (revocations live apart)."""
+    """Issued certificates, `_id` = serial; never changed after the insert (revocations live apart).
+    Beside them, `device_certificate_fingerprints` maps each certificate's SHA-256 fingerprint
+    (`_id`) to its serial."""
 
     collection_name = "device_certificates"
     resource_label = "certificate"
 
+    def __init__(self, database: AsyncDatabase[Document]) -> None:
+        super().__init__(database)
+        self._database = database
+        self._fingerprints = database["device_certificate_fingerprints"]
+
     async def ensure_indexes(self) -> None:
-        # A device's certificates in serial order; the adapter's lookup by fingerprint.
+        # A device's certificates in serial order; listing by fingerprint.
         await create_query_index(self._collection, [("device_id", 1), ("device_registration", 1), ("_id", 1)])
         await self._collection.create_index("sha256_fingerprint", unique=True)
+        await run_once(self._database, "device-certificate-fingerprints", self._index_fingerprints)
+
+    async def insert(self, resource: DeviceCertificate) -> None:
+        await super().insert(resource)
+        await self._index_fingerprint(resource.sha256_fingerprint, resource.id)
 
     async def find_by_fingerprint(self, fingerprint: str) -> DeviceCertificate | None:
-        document = await self._collection.find_one({"sha256_fingerprint": fingerprint})
-        return None if document is None else self.from_document(document)
+        entry = await self._fingerprints.find_one({"_id": fingerprint})
+        if entry is None:
+            return None
+        certificate = await self.get(entry["serial"])
+        # A serial is the certificate's only once it was inserted under it.
+        if certificate is None or certificate.sha256_fingerprint != fingerprint:
+            return None
+        return certificate
+
+    async def _index_fingerprint(self, fingerprint: str, serial: str) -> None:
+        # Indexed already, when it exists: a fingerprint is one certificate's (it covers the serial).
+        with contextlib.suppress(DuplicateKeyError):
+            await self._fingerprints.insert_one({"_id": fingerprint, "serial": serial})
+
+    async def _index_fingerprints(self) -> None:
+        """Certificates issued before the fingerprint index existed (a scan, once)."""
+        async for document in self._collection.find({}, {"sha256_fingerprint": 1}):
+            await self._index_fingerprint(document["sha256_fingerprint"], document["_id"])
 
     def to_document(self, resource: DeviceCertificate) -> Document:
         return {

@@ -9,6 +9,7 @@ desired configuration) is audited by `DeviceService`.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -18,7 +19,6 @@ from medmesh.runtime.errors import NotFound, PermissionDenied
 from medmesh.runtime.resources import ResourceStore, now
 from services.device.domain import NAME_PREFIX, Device, parse_name
 from services.device.status import (
-    NEVER_CONNECTED,
     Battery,
     DeviceConnection,
     Firmware,
@@ -85,31 +85,27 @@ class DeviceInternal:
         device = await self._device(name)
         key = session_key(session_id, adapter_instance)
         when = event_time(at, now())
-        if connected:
-            await self._statuses.open_session(
-                Session(
-                    device.state_key,
-                    key,
-                    adapter_instance,
-                    remote_address,
-                    connect_time=when,
-                    adapter_address=adapter_address,
-                )
-            )
-            await self._statuses.touch(device.state_key, when)
-        elif not await self._statuses.close_session(device.state_key, key, when):
-            # The connect report has not arrived (reports raced) or its session was already
-            # superseded: a closed placeholder that is never the newest session, and stops a
-            # late connect report of the same session from reopening it.
-            closed = Session(
-                device.state_key, key, adapter_instance, remote_address, NEVER_CONNECTED, when, adapter_address
-            )
-            await self._statuses.open_session(closed)
+        if not connected:
+            await self._statuses.change_connections(device.state_key, lambda state: state.after_disconnect(key, when))
+            return
+        session = Session(
+            device.state_key,
+            key,
+            adapter_instance,
+            remote_address,
+            connect_time=when,
+            adapter_address=adapter_address,
+        )
+        # Independent records: written together.
+        await asyncio.gather(
+            self._statuses.change_connections(device.state_key, lambda state: state.after_connect(session)),
+            self._statuses.touch(device.state_key, when),
+        )
 
     async def connection(self, name: str) -> DeviceConnection:
         """The device's newest connection and the adapter (instance and address) that holds it."""
         device = await self._device(name)
-        return DeviceConnection(device.name, await self._statuses.newest_session(device.state_key))
+        return DeviceConnection(device.name, (await self._statuses.connections(device.state_key)).newest)
 
     async def report_status(self, name: str, report: StatusReport, at: datetime | None) -> None:
         """Keeps what the device sent; what it left out stays as it was."""
@@ -142,10 +138,10 @@ class DeviceInternal:
     async def pending_config(self, name: str) -> DesiredConfig | None:
         """The desired configuration if the device has not reported applying it, else None."""
         device = await self._device(name)
-        desired = await self._configs.current_desired(device.state_key)
-        if desired is None:
-            return None
-        return DeviceConfig(device.name, desired, await self._configs.reported(device.state_key)).pending
+        desired, reported = await asyncio.gather(
+            self._configs.current_desired(device.state_key), self._configs.reported(device.state_key)
+        )
+        return DeviceConfig(device.name, desired, reported).pending
 
     async def touch(self, name: str, at: datetime | None) -> None:
         """The device was heard from (any message). Adapters should send this at most every few

@@ -12,7 +12,7 @@ from services.device.status import StatusStore
 
 class RepositoryConnections:
     """`ConnectionLookup` from the device service's own stores: the registration (for its state
-    key), then its newest session."""
+    key), then its connection state."""
 
     def __init__(self, store: ResourceStore[Device], statuses: StatusStore) -> None:
         self._store = store
@@ -22,7 +22,7 @@ class RepositoryConnections:
         registered = await self._store.get(parse_name(device, "device"))
         if registered is None:
             return None
-        session = await self._statuses.newest_session(registered.state_key)
+        session = (await self._statuses.connections(registered.state_key)).newest
         if session is None or not session.open:
             return None
         return AdapterConnection(session.adapter_instance, session.adapter_address)

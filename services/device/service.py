@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -353,8 +354,10 @@ class DeviceService:
         serial = parse_child_name(name, status_domain.COLLECTION)
         device = await self.get(NAME_PREFIX + serial)
         statuses = _wired(self._statuses, "status store")
-        session = await statuses.newest_session(device.state_key)
-        return DeviceStatus(device.name, session, await statuses.parts(device.state_key))
+        connections, parts = await asyncio.gather(
+            statuses.connections(device.state_key), statuses.parts(device.state_key)
+        )
+        return DeviceStatus(device.name, connections.newest, parts)
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -1,13 +1,19 @@
 """The status of a device (`devices/{device}/status`): its connection, as the MQTT adapters
 report it, and what the device itself reports (operational state, battery, firmware). No I/O.
 
-Connections: each connection a device opens is a session of its own, recorded once when it
-opens and marked when it closes. The device is connected when its newest session (by connect
-time) is open. So a disconnect that an adapter reports late, for a connection the device has
-already replaced (on the same or another adapter instance), closes only that old session and
-never marks the device offline. Adapters give each connection a session id; without one, the
-adapter instance stands for the session, which cannot tell a late disconnect of an earlier
-connection to the same instance from the current one.
+Connections: each connection a device opens is a session of its own. The device is connected
+when its newest session (by connect time) is open. So a disconnect that an adapter reports
+late, for a connection the device has already replaced (on the same or another adapter
+instance), never marks the device offline. Adapters give each connection a session id; without
+one, the adapter instance stands for the session, which cannot tell a late disconnect of an
+earlier connection to the same instance from the current one.
+
+What the reports add up to is one `ConnectionState` per device: the newest session, and the
+sessions whose close was reported while they were not the newest (superseded, or their connect
+report has not arrived yet: a connect reported after its own disconnect stays closed). Stores
+keep it as one record read and written by the device's key, each change applied to the state
+it was computed from (`StatusStore.change_connections`), so concurrent reports cannot undo
+each other.
 
 Device reports are kept in independent parts (operational state, battery, firmware, last
 seen), each written whole: two reports arriving together cannot undo each other's fields.
@@ -15,7 +21,8 @@ seen), each written whole: two reports arriving together cannot undo each other'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -27,10 +34,12 @@ MAX_MESSAGE_LENGTH = 1000
 # Times from an adapter's clock later than this server's are taken as now: a wrong clock must
 # not pin "last seen" in the future.
 CLOCK_TOLERANCE = timedelta(seconds=5)
-# Connect time of a session known only from its disconnect (reported before its connect, or
-# after the session was forgotten): older than any real one, so it is never the newest, and it
-# keeps a connect report that arrives after it from reopening that session.
+# Connect time of a session known only from its disconnect, in records of the layout before
+# `ConnectionState`: never the newest.
 NEVER_CONNECTED = datetime(1970, 1, 1, tzinfo=UTC)
+# Closes of sessions that were not the newest are kept until the next connect report, as the
+# per-session records of the layout before were; the latest ones if more come in between.
+MAX_EARLY_CLOSES = 8
 
 
 class OperationalState(StrEnum):
@@ -57,6 +66,57 @@ class Session:
     @property
     def open(self) -> bool:
         return self.disconnect_time is None
+
+    @property
+    def order(self) -> tuple[datetime, str]:
+        """Newer sessions sort later: by connect time, ties by session id."""
+        return (self.connect_time, self.session_id)
+
+
+@dataclass(frozen=True)
+class EarlyClose:
+    """A reported close of a session that was not the device's newest when it came."""
+
+    session_id: str
+    disconnect_time: datetime
+
+
+@dataclass(frozen=True)
+class ConnectionState:
+    """What a device's connection reports add up to (see the module docstring)."""
+
+    newest: Session | None = None  # None if the device never connected
+    early_closes: tuple[EarlyClose, ...] = ()  # oldest first, at most MAX_EARLY_CLOSES
+
+    def after_connect(self, session: Session) -> ConnectionState | None:
+        """The state after a connect report; None when it changes nothing.
+
+        A session reported before stays as it is. One whose close came first is closed at that
+        time. One older than the newest is not the device's connection any more. Every connect
+        report forgets the other early closes.
+        """
+        if session.connect_time <= NEVER_CONNECTED:
+            return None
+        if self.newest is not None and self.newest.session_id == session.session_id:
+            return ConnectionState(self.newest) if self.early_closes else None
+        closed = next((c for c in self.early_closes if c.session_id == session.session_id), None)
+        if closed is not None:
+            session = replace(session, disconnect_time=closed.disconnect_time)
+        if self.newest is not None and session.order <= self.newest.order:
+            return ConnectionState(self.newest) if self.early_closes else None
+        return ConnectionState(session)
+
+    def after_disconnect(self, session_id: str, at: datetime) -> ConnectionState | None:
+        """The state after a disconnect report; None when it changes nothing. It closes the
+        newest session only if that is the one it names; a repeated close keeps the first time."""
+        if self.newest is not None and self.newest.session_id == session_id:
+            if not self.newest.open:
+                return None
+            return replace(self, newest=replace(self.newest, disconnect_time=at))
+        if any(c.session_id == session_id for c in self.early_closes):
+            return None
+        kept = (*self.early_closes, EarlyClose(session_id, at))[-MAX_EARLY_CLOSES:]
+        return replace(self, early_closes=kept)
 
 
 @dataclass(frozen=True)
@@ -143,20 +203,17 @@ class DeviceConnection:
 
 
 class StatusStore(Protocol):
-    """Where sessions and reported status are kept; the repository and the unit tests' fake provide it."""
+    """Where connection states and reported status are kept; the repository and the unit tests' fake provide it."""
 
-    async def newest_session(self, device_key: str) -> Session | None:
-        """The session with the latest connect time (ties: the greatest session id); sessions
-        known only from their disconnect (`NEVER_CONNECTED`) do not count."""
+    async def connections(self, device_key: str) -> ConnectionState:
+        """The device's connection state (empty if it never reported a connection)."""
 
-    async def open_session(self, session: Session) -> None:
-        """Records a session unless one with its id exists, and forgets the device's sessions that
-        connected before it. An existing session stays as it is, except that a placeholder
-        (`NEVER_CONNECTED`, closed) gets the connect details (adapter instance and address, remote
-        address, connect time) and stays closed."""
-
-    async def close_session(self, device_key: str, session_id: str, at: datetime) -> bool:
-        """Marks that one session closed; False if there is no such session."""
+    async def change_connections(
+        self, device_key: str, change: Callable[[ConnectionState], ConnectionState | None]
+    ) -> ConnectionState:
+        """Applies `change` (None: nothing to change) to the stored state, atomically: when
+        another change came in between, `change` is applied again to the state that change
+        left. `change` must be pure. Returns the state now stored."""
 
     async def parts(self, device_key: str) -> StatusParts: ...
 

@@ -118,7 +118,8 @@ async def test_a_connect_reported_after_its_disconnect_fills_in_the_address_and_
     await report(internal, connected=False, session="s1", seconds=60)
     await report(internal, connected=True, session="s1", seconds=0, address="10.0.0.7:50060")
 
-    session = statuses.sessions[(KEY, "s1")]
+    session = statuses.states[KEY].newest
+    assert session is not None
     assert session.adapter_address == "10.0.0.7:50060"
     assert not session.open
     assert not (await internal.connection(DEVICE)).connected

@@ -343,7 +343,9 @@ AT = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
 
 
 def test_certificate_documents_round_trip_without_the_revocation() -> None:
-    repository = CertificateRepository(cast(Any, {"device_certificates": None}))
+    repository = CertificateRepository(
+        cast(Any, {"device_certificates": None, "device_certificate_fingerprints": None})
+    )
     revocation = Revocation("abc", "SN-1", AT, RevocationReason.SUPERSEDED, "someone")
     certificate = DeviceCertificate(
         "abc", "SN-1", "uid-1", "PEM", "f" * 64, "CN=SN-1", "EC P-256", AT, AT + timedelta(days=1), AT, "someone"
@@ -421,4 +423,9 @@ def test_wiring_refuses_to_start_without_a_device_ca(monkeypatch: pytest.MonkeyP
         wire_credentials(database, Settings.from_env("device"), FakeDeviceRegistry(), RecordingAuditTrail())
 
 
-_COLLECTIONS = ("device_certificates", "device_certificate_revocations", "device_temporary_credentials")
+_COLLECTIONS = (
+    "device_certificates",
+    "device_certificate_fingerprints",
+    "device_certificate_revocations",
+    "device_temporary_credentials",
+)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from medmesh.runtime.errors import AlreadyExists, Unavailable
 from services.device.status import (
-    NEVER_CONNECTED,
     Battery,
+    ConnectionState,
     Firmware,
     Operational,
     OperationalState,
@@ -71,43 +70,37 @@ class InMemoryConfigStore:
 
 
 class InMemoryStatusStore:
-    """Like StatusRepository: sessions keyed by (device, session id), inserted once; parts whole."""
+    """Like StatusRepository: one connection state per device, changed atomically; parts whole.
+
+    `before_write` runs between a change's read and its write, where another change may come
+    in; the change is then applied again to what that one left, as the repository's claims make
+    it happen.
+    """
 
     def __init__(self) -> None:
-        self.sessions: dict[tuple[str, str], Session] = {}
+        self.states: dict[str, ConnectionState] = {}
         self.operational: dict[str, Operational] = {}
         self.battery: dict[str, Battery] = {}
         self.firmware: dict[str, Firmware] = {}
         self.last_seen: dict[str, datetime] = {}
+        self.before_write: Callable[[str], Awaitable[None]] | None = None
 
-    async def newest_session(self, device_key: str) -> Session | None:
-        candidates = [
-            s for (key, _), s in self.sessions.items() if key == device_key and s.connect_time > NEVER_CONNECTED
-        ]
-        return max(candidates, key=lambda s: (s.connect_time, s.session_id), default=None)
+    async def connections(self, device_key: str) -> ConnectionState:
+        return self.states.get(device_key, ConnectionState())
 
-    async def open_session(self, session: Session) -> None:
-        own = (session.device_key, session.session_id)
-        existing = self.sessions.setdefault(own, session)
-        if existing.connect_time == NEVER_CONNECTED and session.connect_time != NEVER_CONNECTED:
-            self.sessions[own] = replace(
-                existing,
-                adapter_instance=session.adapter_instance,
-                adapter_address=session.adapter_address,
-                remote_address=session.remote_address,
-                connect_time=session.connect_time,
-            )
-        for key, existing in list(self.sessions.items()):
-            if key[0] == session.device_key and key != own and existing.connect_time < session.connect_time:
-                del self.sessions[key]
-
-    async def close_session(self, device_key: str, session_id: str, at: datetime) -> bool:
-        existing = self.sessions.get((device_key, session_id))
-        if existing is None:
-            return False
-        if existing.open:
-            self.sessions[(device_key, session_id)] = replace(existing, disconnect_time=at)
-        return True
+    async def change_connections(
+        self, device_key: str, change: Callable[[ConnectionState], ConnectionState | None]
+    ) -> ConnectionState:
+        while True:
+            read = self.states.get(device_key)
+            changed = change(read or ConnectionState())
+            if changed is None:
+                return read or ConnectionState()
+            if self.before_write is not None:
+                await self.before_write(device_key)
+            if self.states.get(device_key) is read:
+                self.states[device_key] = changed
+                return changed
 
     async def parts(self, device_key: str) -> StatusParts:
         return StatusParts(
@@ -130,7 +123,7 @@ class InMemoryStatusStore:
         self.last_seen[device_key] = max(at, self.last_seen.get(device_key, at))
 
     async def delete_all(self, device_key: str) -> None:
-        self.sessions = {k: v for k, v in self.sessions.items() if k[0] != device_key}
+        self.states.pop(device_key, None)
         self.operational.pop(device_key, None)
         self.battery.pop(device_key, None)
         self.firmware.pop(device_key, None)
@@ -187,33 +180,36 @@ def session(session_id: str, minutes: int, adapter: str = "adapter-1") -> Sessio
     return Session("k", session_id, adapter, "198.51.100.7", T0 + timedelta(minutes=minutes))
 
 
-async def test_status_fake_inserts_a_session_once_and_forgets_older_ones() -> None:
+async def test_status_fake_applies_changes_and_skips_none() -> None:
     store = InMemoryStatusStore()
-    await store.open_session(session("s1", 0))
-    await store.open_session(session("s2", 5))
-    await store.open_session(session("s2", 9, adapter="adapter-2"))  # the same session again: no change
 
-    newest = await store.newest_session("k")
+    stored = await store.change_connections("k", lambda state: state.after_connect(session("s1", 0)))
+    unchanged = await store.change_connections("k", lambda state: None)
+
+    assert stored == unchanged == await store.connections("k") == ConnectionState(session("s1", 0))
+    assert await store.connections("other") == ConnectionState()
+
+
+async def test_status_fake_applies_a_change_again_after_one_that_came_in_between() -> None:
+    store = InMemoryStatusStore()
+    seen: list[ConnectionState] = []
+
+    async def another_change_comes_in(key: str) -> None:
+        store.before_write = None
+        await store.change_connections(key, lambda state: state.after_connect(session("s2", 5)))
+
+    def late_disconnect(state: ConnectionState) -> ConnectionState | None:
+        seen.append(state)
+        return state.after_disconnect("s1", T0 + timedelta(minutes=6))
+
+    await store.change_connections("k", lambda state: state.after_connect(session("s1", 0)))
+    store.before_write = another_change_comes_in
+    await store.change_connections("k", late_disconnect)
+
+    assert [state.newest.session_id if state.newest else None for state in seen] == ["s1", "s2"]
+    newest = (await store.connections("k")).newest
     assert newest is not None
-    assert (newest.session_id, newest.adapter_instance) == ("s2", "adapter-1")
-    assert list(store.sessions) == [("k", "s2")]
-
-
-async def test_status_fake_never_counts_a_placeholder_as_newest() -> None:
-    store = InMemoryStatusStore()
-    await store.open_session(Session("k", "s1", "a", "", NEVER_CONNECTED, T0))
-
-    assert await store.newest_session("k") is None
-    assert await store.close_session("k", "s1", T0) is True
-    assert await store.close_session("k", "nope", T0) is False
-
-
-async def test_status_fake_fills_in_a_placeholder_that_stays_closed() -> None:
-    store = InMemoryStatusStore()
-    await store.open_session(Session("k", "s1", "", "", NEVER_CONNECTED, T0 + timedelta(minutes=1)))
-    await store.open_session(session("s1", 0))
-
-    assert await store.newest_session("k") == replace(session("s1", 0), disconnect_time=T0 + timedelta(minutes=1))
+    assert (newest.session_id, newest.open) == ("s2", True)
 
 
 async def test_status_fake_keeps_the_later_touch() -> None:

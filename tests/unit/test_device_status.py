@@ -26,9 +26,10 @@ from services.device.internal_servicer import INTERNAL_METHODS, DeviceInternalSe
 from services.device.service import DeviceService
 from services.device.servicer import DeviceServicer, status_to_pb
 from services.device.status import (
-    NEVER_CONNECTED,
+    MAX_EARLY_CLOSES,
     Battery,
     DeviceStatus,
+    EarlyClose,
     Firmware,
     Operational,
     OperationalState,
@@ -148,9 +149,8 @@ async def test_a_late_disconnect_from_the_previous_adapter_leaves_the_device_onl
         "adapter-2",
         "s2",
     )
-    # The superseded session is gone; the late close left only a placeholder that never counts.
-    assert {sid for _, sid in statuses.sessions} == {"s1", "s2"}
-    assert statuses.sessions[(KEY, "s1")].connect_time == NEVER_CONNECTED
+    # The late close is remembered only in case s1's connect report were still to come.
+    assert statuses.states[KEY].early_closes == (EarlyClose("s1", at(40)),)
 
 
 async def test_a_late_disconnect_of_an_earlier_connection_to_the_same_adapter(
@@ -200,7 +200,51 @@ async def test_a_repeated_connect_report_changes_nothing(
     await connect(internal, "adapter-1", "s1", 0)  # a retry arriving late
 
     assert not (await status_of(service)).connected
-    assert len(statuses.sessions) == 1
+    assert statuses.states[KEY].early_closes == ()
+
+
+async def test_a_late_disconnect_racing_the_new_connect_leaves_the_device_online(
+    internal: DeviceInternal, service: DeviceService, statuses: InMemoryStatusStore
+) -> None:
+    await connect(internal, "adapter-1", "s1", 0)
+
+    async def the_new_connect_comes_in_between(key: str) -> None:
+        statuses.before_write = None
+        await connect(internal, "adapter-2", "s2", 30)
+
+    # The disconnect read s1 as the newest session; s2's connect is stored before its write.
+    statuses.before_write = the_new_connect_comes_in_between
+    await disconnect(internal, "adapter-1", "s1", 40)
+
+    status = await status_of(service)
+    assert status.connected
+    assert status.session is not None
+    assert status.session.session_id == "s2"
+
+
+async def test_a_connect_reported_late_after_its_disconnect_changes_nothing(
+    internal: DeviceInternal, service: DeviceService, statuses: InMemoryStatusStore
+) -> None:
+    await connect(internal, "adapter-2", "s2", 30)
+    await disconnect(internal, "adapter-1", "s1", 40)
+    await connect(internal, "adapter-1", "s1", 0)  # superseded long before its reports came
+
+    status = await status_of(service)
+    assert status.connected
+    assert status.session is not None
+    assert status.session.session_id == "s2"
+    assert statuses.states[KEY].early_closes == ()
+
+
+async def test_only_the_latest_early_closes_are_kept(internal: DeviceInternal, statuses: InMemoryStatusStore) -> None:
+    await connect(internal, "adapter-1", "s0", 0)
+    for number in range(1, MAX_EARLY_CLOSES + 3):
+        await disconnect(internal, "adapter-1", f"s{number}", number)
+    await disconnect(internal, "adapter-1", f"s{MAX_EARLY_CLOSES + 2}", 99)  # repeated: the first time stays
+
+    closes = statuses.states[KEY].early_closes
+    assert [close.session_id for close in closes] == [f"s{n}" for n in range(3, MAX_EARLY_CLOSES + 3)]
+    assert closes[-1].disconnect_time == at(MAX_EARLY_CLOSES + 2)
 
 
 async def test_a_session_needs_an_adapter_instance(internal: DeviceInternal) -> None:
@@ -316,7 +360,7 @@ async def test_deleting_a_device_forgets_its_status(
 
     await service.delete(DEVICE, "")
 
-    assert statuses.sessions == {}
+    assert statuses.states == {}
     assert await statuses.parts(KEY) == StatusParts()
 
 
