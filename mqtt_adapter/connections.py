@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 PUBLISH_TIMEOUT = 30.0  # a device that does not PUBACK by then gets it again on reconnect
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per device connection, thousands per instance
 class Connection:
     """One MQTT connection of a device on this instance."""
 
@@ -44,17 +44,22 @@ class Connection:
 
 class Connections:
     def __init__(self) -> None:
-        self._by_device: dict[str, set[Connection]] = {}
+        # A tuple per device: nearly always one connection (a set would be 0.2 KiB each).
+        self._by_device: dict[str, tuple[Connection, ...]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, connection: Connection) -> None:
-        self._by_device.setdefault(connection.device, set()).add(connection)
+        connections = self._by_device.get(connection.device, ())
+        if connection not in connections:
+            self._by_device[connection.device] = (*connections, connection)
 
     def remove(self, connection: Connection) -> None:
         connections = self._by_device.get(connection.device)
         if connections is not None:
-            connections.discard(connection)
-            if not connections:
+            remaining = tuple(c for c in connections if c is not connection)
+            if remaining:
+                self._by_device[connection.device] = remaining
+            else:
                 del self._by_device[connection.device]
 
     def of(self, device: str) -> list[Connection]:
@@ -62,7 +67,7 @@ class Connections:
 
     def __iter__(self) -> Iterator[Connection]:
         for connections in list(self._by_device.values()):
-            yield from list(connections)
+            yield from connections
 
     def __len__(self) -> int:
         return sum(len(connections) for connections in self._by_device.values())
