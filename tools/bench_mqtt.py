@@ -6,7 +6,9 @@ certificates, the cloud side emulated by MQTT clients), on the same machine, and
   - ingest: messages of 3 observations per second, QoS 1 with cloud acks, closed loop;
     nothing lost or stored twice (medmesh: counted in its observation database);
   - ack latency at a fixed offered rate (open loop);
-  - the ingest rate again with thousands of idle devices connected, as a ratio;
+  - the ingest rate again with thousands of idle devices connected, as a ratio to the first
+    ingest run and to a run with the active devices alone just before the fleet connects (the
+    database is as big then);
   - command round trips (medmesh: REST create -> device -> COMPLETED visible over REST);
   - broker RSS per idle TLS connection;
   - CPU seconds per process during the ingest runs (who used the cores).
