@@ -22,43 +22,29 @@ from mqtt_adapter.memory_probe import Adapter, InMemoryRegistry, running_adapter
 from mqtt_adapter.mesh import Admission
 from mqtt_adapter.payloads import StatusReport
 from mqtt_adapter.topics import Downlink
+from tools.mqtt_bench.idle import mqtt_packet, mqtt_string
 
 CONNACK, PUBLISH, PUBACK, SUBACK, UNSUBACK, PINGRESP = 2, 3, 4, 9, 11, 13
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
-def _length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
+def connectmqtt_packet(client_id: str, *, keepalive: int = 60, level: int = 4) -> bytes:
+    return mqtt_packet(
+        0x10, mqtt_string("MQTT") + bytes([level, 0x02]) + keepalive.to_bytes(2, "big") + mqtt_string(client_id)
+    )
 
 
-def _string(text: str) -> bytes:
-    return len(text.encode()).to_bytes(2, "big") + text.encode()
+def subscribemqtt_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
+    return mqtt_packet(0x82, packet_id.to_bytes(2, "big") + mqtt_string(topic) + bytes([qos]))
 
 
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _length(len(body)) + body
+def unsubscribemqtt_packet(packet_id: int, topic: str) -> bytes:
+    return mqtt_packet(0xA2, packet_id.to_bytes(2, "big") + mqtt_string(topic))
 
 
-def connect_packet(client_id: str, *, keepalive: int = 60, level: int = 4) -> bytes:
-    return _packet(0x10, _string("MQTT") + bytes([level, 0x02]) + keepalive.to_bytes(2, "big") + _string(client_id))
-
-
-def subscribe_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
-    return _packet(0x82, packet_id.to_bytes(2, "big") + _string(topic) + bytes([qos]))
-
-
-def unsubscribe_packet(packet_id: int, topic: str) -> bytes:
-    return _packet(0xA2, packet_id.to_bytes(2, "big") + _string(topic))
-
-
-def publish_packet(packet_id: int, topic: str, payload: bytes) -> bytes:
-    return _packet(0x32, _string(topic) + packet_id.to_bytes(2, "big") + payload)  # QoS 1
+def publishmqtt_packet(packet_id: int, topic: str, payload: bytes) -> bytes:
+    return mqtt_packet(0x32, mqtt_string(topic) + packet_id.to_bytes(2, "big") + payload)  # QoS 1
 
 
 class Registry(InMemoryRegistry):
@@ -147,7 +133,7 @@ def registry_of(adapter: Adapter) -> Registry:
 
 async def connected(adapter: Adapter, device_id: str, **connect: Any) -> Device:
     device = await Device.open(adapter, device_id)
-    device.send(connect_packet(device_id, **connect) + subscribe_packet(1, f"devices/{device_id}/#"))
+    device.send(connectmqtt_packet(device_id, **connect) + subscribemqtt_packet(1, f"devices/{device_id}/#"))
     assert await device.connack() == 0
     kind, _, body = await device.packet()
     assert (kind, body) == (SUBACK, b"\x00\x01\x01")
@@ -174,12 +160,12 @@ async def test_an_idle_device_costs_no_task(adapter: Adapter) -> None:
 
 async def test_what_a_device_sends_with_its_connect_waits_until_it_is_admitted(adapter: Adapter) -> None:
     device = await Device.open(adapter, "eager")
-    device.send(connect_packet("eager") + subscribe_packet(7, "devices/eager/acks") + PINGREQ)
+    device.send(connectmqtt_packet("eager") + subscribemqtt_packet(7, "devices/eager/acks") + PINGREQ)
     assert await device.connack() == 0
     assert registry_of(adapter).reports[0][:2] == ("devices/eager", True)
     answers = {await device.packet(), await device.packet()}  # in no set order, as with amqtt
     assert answers == {(SUBACK, 0, b"\x00\x07\x01"), (PINGRESP, 0, b"")}
-    device.send(unsubscribe_packet(8, "devices/eager/acks"))
+    device.send(unsubscribemqtt_packet(8, "devices/eager/acks"))
     assert await device.packet() == (UNSUBACK, 0, b"\x00\x08")
     assert adapter.connections.of("devices/eager")[0].subscriptions == {}
     await device.close()
@@ -187,7 +173,7 @@ async def test_what_a_device_sends_with_its_connect_waits_until_it_is_admitted(a
 
 async def test_a_device_subscribes_only_to_its_own_topics(adapter: Adapter) -> None:
     device = await Device.open(adapter, "own")
-    device.send(connect_packet("own") + subscribe_packet(2, "devices/other/#"))
+    device.send(connectmqtt_packet("own") + subscribemqtt_packet(2, "devices/other/#"))
     assert await device.connack() == 0
     assert await device.packet() == (SUBACK, 0, b"\x00\x02\x80")
     await device.close()
@@ -201,7 +187,7 @@ async def test_the_cloud_publishes_to_a_device_and_it_acknowledges(adapter: Adap
     topic_length = int.from_bytes(body[:2], "big")
     assert body[2 : 2 + topic_length] == b"devices/pushed/commands"
     assert body[4 + topic_length :] == b'{"action": "run"}'
-    device.send(_packet(0x40, body[2 + topic_length : 4 + topic_length]))
+    device.send(mqtt_packet(0x40, body[2 + topic_length : 4 + topic_length]))
     await asyncio.wait_for(sent, 5)
     await device.close()
 
@@ -209,12 +195,14 @@ async def test_the_cloud_publishes_to_a_device_and_it_acknowledges(adapter: Adap
 async def test_what_a_device_publishes_is_routed_in_order_and_acknowledged(adapter: Adapter) -> None:
     device = await connected(adapter, "talker")
     statuses = [b'{"state": "OK", "message": "m%d"}' % k for k in (1, 2, 3)]
-    device.send(b"".join(publish_packet(k, "devices/talker/status", status) for k, status in enumerate(statuses, 1)))
+    device.send(
+        b"".join(publishmqtt_packet(k, "devices/talker/status", status) for k, status in enumerate(statuses, 1))
+    )
     for k in (1, 2, 3):
         assert await device.packet() == (PUBACK, 0, k.to_bytes(2, "big"))
     await settled()
     assert registry_of(adapter).statuses == [("devices/talker", f"m{k}") for k in (1, 2, 3)]
-    device.send(publish_packet(4, "devices/someone-else/status", b"{}"))
+    device.send(publishmqtt_packet(4, "devices/someone-else/status", b"{}"))
     assert await device.packet() == (PUBACK, 0, b"\x00\x04")
     kind, _, body = await device.packet()  # the router's answer on the device's errors topic
     assert kind == PUBLISH
@@ -225,21 +213,21 @@ async def test_what_a_device_publishes_is_routed_in_order_and_acknowledged(adapt
 
 async def test_clients_are_refused_with_amqtts_codes(adapter: Adapter) -> None:
     anonymous = await Device.open(adapter, "anonymous", certificate=False)
-    anonymous.send(connect_packet("anonymous"))
+    anonymous.send(connectmqtt_packet("anonymous"))
     assert await anonymous.connack() == 5
     assert await anonymous.closed()
 
     impostor = await Device.open(adapter, "honest")
-    impostor.send(connect_packet("victim"))
+    impostor.send(connectmqtt_packet("victim"))
     assert await impostor.connack() == 5
 
     old = await Device.open(adapter, "old")
-    old.send(connect_packet("old", level=3))
+    old.send(connectmqtt_packet("old", level=3))
     assert await old.connack() == 1
 
     registry_of(adapter).reachable = False
     waiting = await Device.open(adapter, "waiting")
-    waiting.send(connect_packet("waiting"))
+    waiting.send(connectmqtt_packet("waiting"))
     assert await waiting.connack() == 3  # server unavailable: retry later
     assert len(adapter.connections) == 0
     assert registry_of(adapter).reports == []
@@ -250,9 +238,9 @@ async def test_a_will_never_reaches_another_device(adapter: Adapter) -> None:
     # any device could plant a command on another device's topics by dropping its connection.
     mallory = await Device.open(adapter, "mallory")
     flags = 0x02 | 0x04 | 0x08 | 0x20  # clean session, will, will QoS 1, will retain
-    header = _string("MQTT") + bytes([4, flags]) + (60).to_bytes(2, "big")
-    will = _string("devices/victim/commands") + _string('{"action": "run"}')
-    mallory.send(_packet(0x10, header + _string("mallory") + will))
+    header = mqtt_string("MQTT") + bytes([4, flags]) + (60).to_bytes(2, "big")
+    will = mqtt_string("devices/victim/commands") + mqtt_string('{"action": "run"}')
+    mallory.send(mqtt_packet(0x10, header + mqtt_string("mallory") + will))
     assert await mallory.connack() == 0
     mallory.writer.transport.abort()
     await settled()
@@ -279,7 +267,7 @@ async def test_a_connection_gone_while_being_admitted_takes_nothing_over(adapter
     registry = registry_of(adapter)
     registry.answer.clear()
     second = await Device.open(adapter, "steady")
-    second.send(connect_packet("steady"))
+    second.send(connectmqtt_packet("steady"))
     await settled()
     second.writer.transport.abort()
     await settled()

@@ -25,29 +25,32 @@ DISCONNECT = b"\xe0\x00"
 _CONNACK, _PUBLISH, _SUBACK, _PINGRESP = 2, 3, 9, 13
 
 
-def _remaining_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
-
-
-def _string(text: str) -> bytes:
+def mqtt_string(text: str) -> bytes:
+    """An MQTT UTF-8 string: its length in two bytes, then the bytes."""
     data = text.encode()
     return len(data).to_bytes(2, "big") + data
 
 
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """An MQTT packet: the first byte (type and flags), the remaining length, the body."""
+    encoded = bytearray([first])
+    length = len(body)
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(encoded) + body
+
+
 def connect_packet(client_id: str, keepalive: int) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session, no credentials (the certificate is the identity)."""
-    body = _string("MQTT") + bytes([4, 0x02]) + keepalive.to_bytes(2, "big") + _string(client_id)
-    return b"\x10" + _remaining_length(len(body)) + body
+    return mqtt_packet(
+        0x10, mqtt_string("MQTT") + bytes([4, 0x02]) + keepalive.to_bytes(2, "big") + mqtt_string(client_id)
+    )
 
 
 def subscribe_packet(packet_id: int, topic: str, qos: int) -> bytes:
-    body = packet_id.to_bytes(2, "big") + _string(topic) + bytes([qos])
-    return b"\x82" + _remaining_length(len(body)) + body
+    return mqtt_packet(0x82, packet_id.to_bytes(2, "big") + mqtt_string(topic) + bytes([qos]))
 
 
 def puback_packet(packet_id: int) -> bytes:
