@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 SUBSCRIPTION_REFUSED = 0x80
 CONNECT_TIMEOUT = 60.0  # seconds from TLS up to a complete CONNECT (asyncio allows as long for the handshake)
+# Larger packets close the connection before they are read. A payload over 256 KiB is still
+# answered with PAYLOAD_TOO_LARGE up to this size; files go over HTTPS, never MQTT.
+MAX_PACKET_BYTES = 1024 * 1024
 _MQTT_3_1_1 = 4
 
 
@@ -351,6 +354,8 @@ def _packet_end(data: bytearray, start: int) -> int | None:
         multiplier *= 128
         if multiplier > 128**3:
             raise MQTTError("malformed remaining length")
+    if length > MAX_PACKET_BYTES:
+        raise MQTTError(f"a packet of {length} bytes (at most {MAX_PACKET_BYTES})")
     end = index + length
     return end if end <= len(data) else None
 

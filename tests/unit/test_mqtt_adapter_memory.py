@@ -29,21 +29,21 @@ PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 
 
-def connectmqtt_packet(client_id: str, *, keepalive: int = 60, level: int = 4) -> bytes:
+def connect_packet(client_id: str, *, keepalive: int = 60, level: int = 4) -> bytes:
     return mqtt_packet(
         0x10, mqtt_string("MQTT") + bytes([level, 0x02]) + keepalive.to_bytes(2, "big") + mqtt_string(client_id)
     )
 
 
-def subscribemqtt_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
+def subscribe_packet(packet_id: int, topic: str, qos: int = 1) -> bytes:
     return mqtt_packet(0x82, packet_id.to_bytes(2, "big") + mqtt_string(topic) + bytes([qos]))
 
 
-def unsubscribemqtt_packet(packet_id: int, topic: str) -> bytes:
+def unsubscribe_packet(packet_id: int, topic: str) -> bytes:
     return mqtt_packet(0xA2, packet_id.to_bytes(2, "big") + mqtt_string(topic))
 
 
-def publishmqtt_packet(packet_id: int, topic: str, payload: bytes) -> bytes:
+def publish_packet(packet_id: int, topic: str, payload: bytes) -> bytes:
     return mqtt_packet(0x32, mqtt_string(topic) + packet_id.to_bytes(2, "big") + payload)  # QoS 1
 
 
@@ -133,7 +133,7 @@ def registry_of(adapter: Adapter) -> Registry:
 
 async def connected(adapter: Adapter, device_id: str, **connect: Any) -> Device:
     device = await Device.open(adapter, device_id)
-    device.send(connectmqtt_packet(device_id, **connect) + subscribemqtt_packet(1, f"devices/{device_id}/#"))
+    device.send(connect_packet(device_id, **connect) + subscribe_packet(1, f"devices/{device_id}/#"))
     assert await device.connack() == 0
     kind, _, body = await device.packet()
     assert (kind, body) == (SUBACK, b"\x00\x01\x01")
@@ -160,12 +160,12 @@ async def test_an_idle_device_costs_no_task(adapter: Adapter) -> None:
 
 async def test_what_a_device_sends_with_its_connect_waits_until_it_is_admitted(adapter: Adapter) -> None:
     device = await Device.open(adapter, "eager")
-    device.send(connectmqtt_packet("eager") + subscribemqtt_packet(7, "devices/eager/acks") + PINGREQ)
+    device.send(connect_packet("eager") + subscribe_packet(7, "devices/eager/acks") + PINGREQ)
     assert await device.connack() == 0
     assert registry_of(adapter).reports[0][:2] == ("devices/eager", True)
     answers = {await device.packet(), await device.packet()}  # in no set order, as with amqtt
     assert answers == {(SUBACK, 0, b"\x00\x07\x01"), (PINGRESP, 0, b"")}
-    device.send(unsubscribemqtt_packet(8, "devices/eager/acks"))
+    device.send(unsubscribe_packet(8, "devices/eager/acks"))
     assert await device.packet() == (UNSUBACK, 0, b"\x00\x08")
     assert adapter.connections.of("devices/eager")[0].subscriptions == {}
     await device.close()
@@ -173,7 +173,7 @@ async def test_what_a_device_sends_with_its_connect_waits_until_it_is_admitted(a
 
 async def test_a_device_subscribes_only_to_its_own_topics(adapter: Adapter) -> None:
     device = await Device.open(adapter, "own")
-    device.send(connectmqtt_packet("own") + subscribemqtt_packet(2, "devices/other/#"))
+    device.send(connect_packet("own") + subscribe_packet(2, "devices/other/#"))
     assert await device.connack() == 0
     assert await device.packet() == (SUBACK, 0, b"\x00\x02\x80")
     await device.close()
@@ -195,14 +195,12 @@ async def test_the_cloud_publishes_to_a_device_and_it_acknowledges(adapter: Adap
 async def test_what_a_device_publishes_is_routed_in_order_and_acknowledged(adapter: Adapter) -> None:
     device = await connected(adapter, "talker")
     statuses = [b'{"state": "OK", "message": "m%d"}' % k for k in (1, 2, 3)]
-    device.send(
-        b"".join(publishmqtt_packet(k, "devices/talker/status", status) for k, status in enumerate(statuses, 1))
-    )
+    device.send(b"".join(publish_packet(k, "devices/talker/status", status) for k, status in enumerate(statuses, 1)))
     for k in (1, 2, 3):
         assert await device.packet() == (PUBACK, 0, k.to_bytes(2, "big"))
     await settled()
     assert registry_of(adapter).statuses == [("devices/talker", f"m{k}") for k in (1, 2, 3)]
-    device.send(publishmqtt_packet(4, "devices/someone-else/status", b"{}"))
+    device.send(publish_packet(4, "devices/someone-else/status", b"{}"))
     assert await device.packet() == (PUBACK, 0, b"\x00\x04")
     kind, _, body = await device.packet()  # the router's answer on the device's errors topic
     assert kind == PUBLISH
@@ -213,24 +211,40 @@ async def test_what_a_device_publishes_is_routed_in_order_and_acknowledged(adapt
 
 async def test_clients_are_refused_with_amqtts_codes(adapter: Adapter) -> None:
     anonymous = await Device.open(adapter, "anonymous", certificate=False)
-    anonymous.send(connectmqtt_packet("anonymous"))
+    anonymous.send(connect_packet("anonymous"))
     assert await anonymous.connack() == 5
     assert await anonymous.closed()
 
     impostor = await Device.open(adapter, "honest")
-    impostor.send(connectmqtt_packet("victim"))
+    impostor.send(connect_packet("victim"))
     assert await impostor.connack() == 5
 
     old = await Device.open(adapter, "old")
-    old.send(connectmqtt_packet("old", level=3))
+    old.send(connect_packet("old", level=3))
     assert await old.connack() == 1
 
     registry_of(adapter).reachable = False
     waiting = await Device.open(adapter, "waiting")
-    waiting.send(connectmqtt_packet("waiting"))
+    waiting.send(connect_packet("waiting"))
     assert await waiting.connack() == 3  # server unavailable: retry later
     assert len(adapter.connections) == 0
     assert registry_of(adapter).reports == []
+
+
+async def test_a_packet_over_the_limit_closes_the_connection_before_it_is_read(adapter: Adapter) -> None:
+    device = await connected(adapter, "flooder")
+    # Only the header of a 2 MiB publish: the adapter must not wait for (or buffer) the rest.
+    header = bytearray([0x32])
+    length = 2 * 1024 * 1024
+    while True:
+        byte, length = length % 128, length // 128
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    device.send(bytes(header) + b"x" * 100)
+    assert await device.closed()
+    bystander = await connected(adapter, "bystander")
+    await bystander.close()
 
 
 async def test_a_will_never_reaches_another_device(adapter: Adapter) -> None:
@@ -267,7 +281,7 @@ async def test_a_connection_gone_while_being_admitted_takes_nothing_over(adapter
     registry = registry_of(adapter)
     registry.answer.clear()
     second = await Device.open(adapter, "steady")
-    second.send(connectmqtt_packet("steady"))
+    second.send(connect_packet("steady"))
     await settled()
     second.writer.transport.abort()
     await settled()
