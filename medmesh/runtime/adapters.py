@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,11 @@ MAX_CHANNELS = 256
 MAX_QUEUED_DEVICES = 10_000
 # Commands one notification carries at most (NotifyDeviceRequest's limit); the adapter lists the rest.
 MAX_PUSHED_COMMANDS = 100
+# Where a device was last told something is kept this long, so the next notification skips the
+# lookup (a command round trip's first hop). Safe: an adapter that no longer holds the device
+# answers `connected: false`, and then the device service is asked again at once.
+KNOWN_CONNECTION_SECONDS = 30.0
+MAX_KNOWN_CONNECTIONS = 10_000
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class AdapterNotifier:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # channels being closed: awaited, never cancelled
         self._closed = False
+        # device -> (when, the adapter that took its last notification); see KNOWN_CONNECTION_SECONDS
+        self._known: OrderedDict[str, tuple[float, AdapterConnection]] = OrderedDict()
 
     async def notify(self, device: str, pending: Iterable[Pending], commands: Sequence[Any] = ()) -> bool:
         """True if the adapter holding the device's connection took the notification; False if the
@@ -140,6 +148,10 @@ class AdapterNotifier:
         kinds = sorted(set(pending))
         if not kinds or self._closed:
             return False
+        known = self._known_connection(device)
+        if known is not None and await self._tell(device, known, kinds, commands):
+            return True
+        # Not known, or it moved, disconnected, or its adapter is gone: ask where it is now.
         try:
             connection = await self._connections.open_connection(device)
         except Exception:  # a hint only: the device gets what is pending when it connects
@@ -150,6 +162,17 @@ class AdapterNotifier:
         if not connection.adapter_address:
             log.debug("%s is connected to %s, which reported no address", device, connection.adapter_instance)
             return False
+        return await self._tell(device, connection, kinds, commands)
+
+    def _known_connection(self, device: str) -> AdapterConnection | None:
+        entry = self._known.pop(device, None)  # taken out: put back only if it still holds
+        if entry is None or time.monotonic() - entry[0] > KNOWN_CONNECTION_SECONDS:
+            return None
+        return entry[1]
+
+    async def _tell(
+        self, device: str, connection: AdapterConnection, kinds: list[Pending], commands: Sequence[Any]
+    ) -> bool:
         stub = adapter_pb_grpc.AdapterInternalServiceStub(self._channel(connection.adapter_address))
         try:
             reply = await stub.NotifyDevice(
@@ -170,9 +193,13 @@ class AdapterNotifier:
                 self._forget(connection.adapter_address)
             return False
         if not reply.connected:
-            # The device moved or disconnected since its connection was read: nothing to do.
+            # The device moved or disconnected since its connection was read.
             log.debug("%s is no longer connected to %s", device, connection.adapter_instance)
-        return bool(reply.connected)
+            return False
+        self._known[device] = (time.monotonic(), connection)
+        if len(self._known) > MAX_KNOWN_CONNECTIONS:
+            self._known.popitem(last=False)
+        return True
 
     def notify_soon(self, device: str, *pending: Pending, commands: Sequence[Any] = ()) -> None:
         """Like `notify`, in the background; returns at once."""

@@ -175,6 +175,38 @@ async def test_a_stale_connection_is_not_an_error(
     assert caplog.records == []
 
 
+async def test_the_adapter_that_took_the_last_notification_is_told_without_a_lookup(
+    adapter: tuple[StubAdapter, str], connections: FakeConnections, notifier: AdapterNotifier
+) -> None:
+    stub, address = adapter
+    connect(connections, address)
+
+    assert await notifier.notify(DEVICE, [PENDING_CONFIG])
+    assert await notifier.notify(DEVICE, [PENDING_COMMANDS])
+
+    assert connections.asked == [DEVICE]
+    assert len(stub.notifications) == 2
+
+
+async def test_a_device_that_moved_is_looked_up_again_and_told_where_it_is(
+    mesh_credential: None, connections: FakeConnections, notifier: AdapterNotifier
+) -> None:
+    async with (
+        serving_stub_adapter(MESH_TOKEN) as (old, old_address),
+        serving_stub_adapter(MESH_TOKEN) as (new, new_address),
+    ):
+        connect(connections, old_address)
+        assert await notifier.notify(DEVICE, [PENDING_CONFIG])
+        old.connected = False  # the device reconnected to the other instance
+        connect(connections, new_address)
+
+        assert await notifier.notify(DEVICE, [PENDING_COMMANDS])
+
+        assert connections.asked == [DEVICE, DEVICE]
+        assert len(old.notifications) == 2
+        assert len(new.notifications) == 1
+
+
 async def test_a_failing_lookup_is_logged_not_raised(
     connections: FakeConnections, notifier: AdapterNotifier, caplog: pytest.LogCaptureFixture
 ) -> None:
