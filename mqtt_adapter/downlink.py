@@ -5,13 +5,15 @@ when a service notifies this instance (`AdapterInternalService.NotifyDevice`). I
 device or command service what is pending, so a lost or repeated notification is harmless;
 only commands just created may come with the notification, and are published as they are.
 Deliveries for one device and kind are coalesced: a notification that arrives while one runs
-makes it run once more, never twice at once.
+makes it run once more, never twice at once. A command the device acknowledged is marked
+DELIVERED `REPORT_GRACE_SECONDS` later, unless the device reported its status first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 
@@ -36,13 +38,22 @@ class Kind(Enum):
 KIND_OF_PENDING = {adapter_pb.PENDING_CONFIG: Kind.CONFIG, adapter_pb.PENDING_COMMANDS: Kind.COMMANDS}
 
 
+# A command is marked DELIVERED this long after the device acknowledged it, unless the device's
+# own status report (which implies delivery) came first: a device that answers at once then
+# costs one change of the command instead of two racing each other.
+REPORT_GRACE_SECONDS = 0.25
+MAX_REMEMBERED_REPORTS = 10_000
+
+
 class Deliveries:
-    def __init__(self, mesh: Mesh, connections: Connections) -> None:
+    def __init__(self, mesh: Mesh, connections: Connections, *, report_grace: float = REPORT_GRACE_SECONDS) -> None:
         self._mesh = mesh
         self._connections = connections
         self._running: dict[tuple[str, Kind], asyncio.Task[None]] = {}
         self._again: set[tuple[str, Kind]] = set()
         self._pushes = BackgroundTasks()
+        self._report_grace = report_grace
+        self._reported: OrderedDict[str, None] = OrderedDict()  # commands whose status came in lately
 
     def request(self, device: str, kind: Kind) -> None:
         """Delivers what is pending of `kind` to the device's connections here, soon."""
@@ -75,15 +86,27 @@ class Deliveries:
         """Publishes commands just created, as they came with the notification, without listing."""
         self._pushes.spawn(self._run_commands(device, commands))
 
+    def reported(self, name: str) -> None:
+        """The command service took a status report of command `name` from its device."""
+        self._reported[name] = None
+        if len(self._reported) > MAX_REMEMBERED_REPORTS:
+            self._reported.popitem(last=False)
+
     async def _run_commands(self, device: str, commands: Sequence[command_pb.Command]) -> None:
         for command in commands:
             sent = await _settled(self._connections.publish(device, Downlink.COMMANDS, command_payload("run", command)))
             if sent:
-                try:
-                    await self._mesh.commands.mark_delivered(command.name)
-                except grpc.aio.AioRpcError as error:
-                    # Over meanwhile (canceled, expired): the next listing tells the device to drop it.
-                    log.info("%s not marked delivered: %s", command.name, error.details())
+                self._pushes.spawn(self._mark_delivered(command.name))
+
+    async def _mark_delivered(self, name: str) -> None:
+        await asyncio.sleep(self._report_grace)
+        if self._reported.pop(name, 0) is None:
+            return  # its report came first, and said as much
+        try:
+            await self._mesh.commands.mark_delivered(name)
+        except grpc.aio.AioRpcError as error:
+            # Over meanwhile (canceled, expired): the next listing tells the device to drop it.
+            log.info("%s not marked delivered: %s", name, error.details())
 
     async def _config(self, device: str) -> None:
         pending = await self._mesh.registry.pending_config(device)

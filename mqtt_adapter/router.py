@@ -17,6 +17,7 @@ from mqtt_adapter.connections import Connection, Connections
 from mqtt_adapter.downlink import Deliveries, Kind
 from mqtt_adapter.mesh import Mesh
 from mqtt_adapter.payloads import (
+    CommandReport,
     ConfigReport,
     FileRequest,
     PayloadError,
@@ -74,11 +75,15 @@ class UplinkRouter:
                 self._spawn(self._report_config(device, decode_reported_config(payload)), device, topic)
             elif uplink.kind is Uplink.COMMAND_STATUS:
                 name = f"{device}/commands/{uplink.command_id}"
-                self._spawn(self._mesh.commands.report(name, decode_command_status(payload)), device, topic)
+                self._spawn(self._report_command(name, decode_command_status(payload)), device, topic)
             else:
                 self._spawn(self._file_request(device, decode_file_request(payload)), device, topic)
         except PayloadError as error:
             self._error(device, topic, error.reason, error.description)
+
+    async def _report_command(self, name: str, status: CommandReport) -> None:
+        await self._mesh.commands.report(name, status)
+        self._deliveries.reported(name)  # a status report says "delivered" too
 
     async def _report_config(self, device: str, report: ConfigReport) -> None:
         pending = await self._mesh.registry.report_config(device, report)

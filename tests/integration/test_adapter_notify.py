@@ -166,7 +166,12 @@ async def test_a_config_update_reaches_the_adapter_holding_the_connection_within
         metadata=as_adapter,
         timeout=5,
     )
+    stub.connected = False  # what an adapter answers for a device it no longer holds
     await devices.UpdateDeviceConfig(config_request(device, 99), metadata=as_admin, timeout=5)
+    # The adapter told last (within 30 s) is asked once, without a lookup; it answers "not
+    # connected", the lookup then finds no connection, and nothing more is sent.
+    asked = await stub.next(within=2)
+    assert asked.device == device
     with pytest.raises(TimeoutError):
         await stub.next(within=0.5)
     assert not (
