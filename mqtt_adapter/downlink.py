@@ -100,7 +100,8 @@ class Deliveries:
 
     async def _mark_delivered(self, name: str) -> None:
         await asyncio.sleep(self._report_grace)
-        if self._reported.pop(name, 0) is None:
+        if name in self._reported:
+            del self._reported[name]
             return  # its report came first, and said as much
         try:
             await self._mesh.commands.mark_delivered(name)
