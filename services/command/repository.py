@@ -4,9 +4,10 @@ FerretDB (the embedded default) does not make a conditional update atomic: two w
 both read revision r and both `replace_one({_id, revision: r})` can both succeed. A unique
 insert is atomic, so every change is first *claimed*: the new revision is inserted into an
 append-only log under the unique key `{resource}@{revision}`, and only the writer whose insert
-succeeds writes the resource document. The loser reads again and decides anew (usually: nothing
-left to do). The log holds the whole new document, so a writer that stopped between its claim
-and its write is rolled forward by the next read (`get`). The same code is correct on MongoDB.
+succeeds goes on to *store* the resource document. The loser reads again and decides anew
+(usually: nothing left to do). The claim is the change: the log holds the whole new document,
+so a writer that stopped between its claim and its store is rolled forward by the next `get`.
+The same code is correct on MongoDB.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class RevisionedRepository(MongoRepository[R]):
         self._revisions = database[self.revisions_name]
 
     async def get(self, resource_id: str) -> R | None:
+        """The resource as it is: the stored document, rolled forward over any claim not yet stored."""
         document = await self._collection.find_one({"_id": resource_id})
         if document is None:
             return None
@@ -83,38 +85,48 @@ class RevisionedRepository(MongoRepository[R]):
             document = newer["document"]
             await self._write(document)
 
+    async def read(self, resource_id: str) -> R | None:
+        """The stored document alone: one read, but possibly behind a claim not yet stored.
+
+        Good as the base of a change: a change decided on a stale base claims a revision that
+        is taken, loses, and the writer reads again with `get`.
+        """
+        document = await self._collection.find_one({"_id": resource_id})
+        return None if document is None else self.from_document(document)
+
     async def claim(self, resource: R) -> bool:
-        """Records `resource` (at its new revision) if nobody else claimed that revision; False if someone did."""
-        document = self.to_document(resource)
+        """Records `resource` (at its new revision) if nobody else claimed that revision; False if
+        someone did. From a successful claim on, `resource` is the current state (`get` shows
+        it); the claimant then writes it out with `store`."""
         try:
             await self._revisions.insert_one(
                 {
                     "_id": revision_key(resource.id, resource.revision),
                     "resource": resource.id,
                     "revision": resource.revision,
-                    "document": document,
+                    "document": self.to_document(resource),
                 }
             )
         except DuplicateKeyError:
             return False
-        await self._write(document)
         return True
+
+    async def store(self, resource: R) -> None:
+        """Writes a claimed `resource` out, unless a newer revision is stored already."""
+        await self._write(self.to_document(resource))
 
     async def _write(self, document: Document) -> bool:
         """Writes `document` unless a newer revision is stored; True if it wrote.
 
-        Forward only: a slow writer must not put an older revision back over a newer one. The
-        check is a read by `_id`, then a replace by `_id`, rather than one replace filtered on
-        `{_id, revision: {$lt: r}}`: FerretDB pushes only an exact `_id` filter down to SQLite
-        and answers any other by reading every document of the collection. Neither form is atomic
-        there, and the log makes that safe: a stale write that slips in between is rolled
+        Forward only: a slow writer must not put an older revision back over a newer one. FerretDB
+        reads the one document by `_id` and checks the revision (tools/ferretdb/README.md), but
+        not atomically; the log makes that safe: a stale write that slips in between is rolled
         forward by the next `get`.
         """
-        stored = await self._collection.find_one({"_id": document["_id"]}, {"revision": 1})
-        if stored is None or stored["revision"] >= document["revision"]:
-            return False
-        await self._collection.replace_one({"_id": document["_id"]}, document)
-        return True
+        result = await self._collection.replace_one(
+            {"_id": document["_id"], "revision": {"$lt": document["revision"]}}, document
+        )
+        return result.matched_count == 1
 
 
 class CommandRepository(RevisionedRepository[Command]):

@@ -14,6 +14,7 @@ audits, so each change is audited once even when several instances sweep the sam
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,7 +116,9 @@ SESSION_FILTERS: dict[str, tuple[str, Converter]] = {
 
 
 class CommandStore(ResourceStore[Command], Protocol):
+    async def read(self, resource_id: str) -> Command | None: ...
     async def claim(self, resource: Command) -> bool: ...
+    async def store(self, resource: Command) -> None: ...
     async def pending(self, device: str, at: datetime, limit: int) -> list[Command]: ...
     async def count_pending(self, device: str) -> int: ...
     async def stop_requests(self, device: str) -> list[Command]: ...
@@ -127,6 +130,7 @@ class CommandStore(ResourceStore[Command], Protocol):
 
 class SessionStore(ResourceStore[Session], Protocol):
     async def claim(self, resource: Session) -> bool: ...
+    async def store(self, resource: Session) -> None: ...
     async def awaiting_command(self, changed_before: datetime, limit: int) -> list[Session]: ...
 
 
@@ -218,10 +222,13 @@ class CommandService:
         )
         await self._require_room(parent)
         await self._commands.insert(command)
-        await audit(
-            self._trail, command.organization, command.name, description=f"command {command.command_name} created"
+        # Stored, the command exists: its audit and the push to the device go at once.
+        await asyncio.gather(
+            audit(
+                self._trail, command.organization, command.name, description=f"command {command.command_name} created"
+            ),
+            self._notify(command),
         )
-        await self._notify(command)
         return command
 
     async def get_command(self, name: str) -> Command:
@@ -237,7 +244,7 @@ class CommandService:
         return CommandPage(commands, token)
 
     async def cancel_command(self, name: str) -> Command:
-        command = await self._visible_command(name, WRITE_ROLES, "cancel commands")
+        command = await self._visible_command(name, WRITE_ROLES, "cancel commands", to_change=True)
         at = self._clock()
         final, changed = await self._change_command(
             command, lambda c: lapsed(c, at) or cancel_change(c, at), fresh=True
@@ -248,7 +255,7 @@ class CommandService:
         return final
 
     async def stop_command(self, name: str) -> Command:
-        command = await self._visible_command(name, WRITE_ROLES, "stop commands")
+        command = await self._visible_command(name, WRITE_ROLES, "stop commands", to_change=True)
         at = self._clock()
         final, changed = await self._change_command(command, lambda c: lapsed(c, at) or stop_change(c, at), fresh=True)
         _raise_if(stop_refusal(final))
@@ -362,8 +369,10 @@ class CommandService:
             field_prefix="session",
         )
         await self._commands.insert(command)
-        await audit(self._trail, command.organization, command.name, description=f"command {command_name} created")
-        await self._notify(command)
+        await asyncio.gather(
+            audit(self._trail, command.organization, command.name, description=f"command {command_name} created"),
+            self._notify(command),
+        )
 
     # --- deadlines ----------------------------------------------------------------------------
 
@@ -426,26 +435,33 @@ class CommandService:
     ) -> tuple[Command, bool]:
         """Applies `decide` to the latest command until it claims a revision or has nothing to do.
 
-        `fresh`: `command` was just read with `get`, so the first attempt starts from it.
+        `fresh`: `command` was just read (with `read`, so perhaps behind a claim not yet stored),
+        and the first attempt starts from it. A claim made on a stale base loses, and a stale
+        "nothing to do" is not trusted: both read again with `get`.
         Returns the command as it ends up, and whether this call changed it.
         """
-        latest: Command | None = command if fresh else None
+        unverified: Command | None = command if fresh else None
         for _ in range(MAX_CLAIM_ATTEMPTS):
-            current = latest or await self._commands.get(command.id)
-            latest = None
+            current = unverified or await self._commands.get(command.id)
             if current is None:
                 raise _command_not_found(command.name)
             changed = decide(current)
             if changed is None:
-                await self._commands.forget_if_finished(current)
-                return current, False
-            if await self._commands.claim(changed):
-                await audit(
-                    self._trail, changed.organization, changed.name, description=_command_change(current, changed)
+                if unverified is None:
+                    await self._commands.forget_if_finished(current)
+                    return current, False
+            elif await self._commands.claim(changed):
+                # Claimed, the change has happened: its audit need not wait for the document write.
+                await asyncio.gather(
+                    self._commands.store(changed),
+                    audit(
+                        self._trail, changed.organization, changed.name, description=_command_change(current, changed)
+                    ),
                 )
                 if changed.is_terminal and changed.session:
                     await self._settle_session(changed)
                 return changed, True
+            unverified = None
         raise Aborted(
             f"command {command.name} kept changing while this request tried to change it; retry",
             reason="CONCURRENT_CHANGE",
@@ -463,8 +479,11 @@ class CommandService:
             if changed is None:
                 return current, False
             if await self._sessions.claim(changed):
-                await audit(
-                    self._trail, changed.organization, changed.name, description=_session_change(current, changed)
+                await asyncio.gather(
+                    self._sessions.store(changed),
+                    audit(
+                        self._trail, changed.organization, changed.name, description=_session_change(current, changed)
+                    ),
                 )
                 return changed, True
         raise Aborted(
@@ -520,17 +539,24 @@ class CommandService:
         return scope
 
     async def _find_command(self, name: str) -> Command:
+        """The command as the base of a change (see `_change_command`)."""
         device_id, command_id = parse_command_name(name)
-        command = await self._commands.get(storage_key(device_id, command_id))
+        command = await self._commands.read(storage_key(device_id, command_id))
         if command is None:
             raise _command_not_found(name)
         return command
 
-    async def _visible_command(self, name: str, roles: tuple[Role, ...], action: str) -> Command:
+    async def _visible_command(
+        self, name: str, roles: tuple[Role, ...], action: str, *, to_change: bool = False
+    ) -> Command:
+        """The command, if the caller may see it; `to_change`: as the base of a change (one read,
+        see `_change_command`), else as it is. Its organization never changes, so either will do
+        for the access check."""
         principal = current_principal()
         principal.require_role(*roles, action=action)
         device_id, command_id = parse_command_name(name)
-        command = await self._commands.get(storage_key(device_id, command_id))
+        key = storage_key(device_id, command_id)
+        command = await (self._commands.read(key) if to_change else self._commands.get(key))
         if command is None or not principal.can_access(command.organization):
             if not principal.sees_every_organization:
                 raise _denied(principal, name)

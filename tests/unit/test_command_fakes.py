@@ -1,8 +1,8 @@
 """In-memory fakes of the command service's ports, and tests that they keep the repository's promises.
 
 The stores behave like services.command.repository: a change is first claimed under the unique
-key (resource, revision) and only the claimant writes the document; `get` rolls forward a claim
-whose write never happened. Hooks let a test play a concurrent writer or a crash in between.
+key (resource, revision) and only the claimant stores the document; `get` rolls forward a claim
+whose store never happened, `read` does not. Hooks let a test play a concurrent writer or a crash in between.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class InMemoryRevisionedStore(InMemoryRepository[R]):
             self.items[resource_id] = current
         return current
 
+    async def read(self, resource_id: str) -> R | None:
+        return self.items.get(resource_id)
+
     async def claim(self, resource: R) -> bool:
         hook, self.before_next_claim = self.before_next_claim, None
         if hook is not None:
@@ -54,10 +57,12 @@ class InMemoryRevisionedStore(InMemoryRepository[R]):
         if key in self.claims:
             return False
         self.claims[key] = resource
+        return True
+
+    async def store(self, resource: R) -> None:
         current = self.items.get(resource.id)
         if self.write_claimed and (current is None or current.revision < resource.revision):
             self.items[resource.id] = resource
-        return True
 
 
 class InMemoryCommandStore(InMemoryRevisionedStore[Command]):
@@ -175,29 +180,29 @@ async def test_only_one_writer_claims_a_revision() -> None:
     assert stored.state is CommandState.DELIVERED
 
 
-async def test_a_claim_without_its_write_is_rolled_forward_by_the_next_read() -> None:
+async def test_a_claim_not_yet_stored_is_rolled_forward_by_get_but_not_by_read() -> None:
     store = InMemoryCommandStore()
     command = a_command()
     await store.insert(command)
-    store.write_claimed = False
 
     assert await store.claim(command.delivered(AT))
 
-    assert store.items[command.id].state is CommandState.PENDING
+    assert await store.read(command.id) == command
     stored = await store.get(command.id)
     assert stored is not None
     assert (stored.state, stored.revision) == (CommandState.DELIVERED, 2)
     assert store.items[command.id].revision == 2
 
 
-async def test_a_late_write_never_puts_an_older_revision_back() -> None:
+async def test_a_late_store_never_puts_an_older_revision_back() -> None:
     store = InMemoryCommandStore()
     command = a_command()
     delivered = command.delivered(AT)
     await store.insert(command)
     store.put(delivered.started(AT))  # revision 3 already written by someone else
 
-    await store.claim(delivered)
+    assert await store.claim(delivered)
+    await store.store(delivered)
 
     assert store.items[command.id].state is CommandState.IN_PROGRESS
 

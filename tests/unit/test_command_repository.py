@@ -1,7 +1,7 @@
 """The command repositories: document mapping, and revision claims against a collection fake.
 
-The fake collection does what FerretDB does for the operations used here, all by `_id`: a
-duplicate insert fails (atomic), a replace or delete matches or not. The real round trip runs in
+The fake collection does what FerretDB does for the operations used here, all naming one `_id`:
+a duplicate insert fails (atomic), a replace or delete matches or not. The real round trip runs in
 tests/integration/test_command_deadlines.py.
 """
 
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from pymongo.errors import DuplicateKeyError
 
 from services.command.domain import (
+    Command,
     CommandRequest,
     CommandState,
     Session,
@@ -51,13 +53,35 @@ SESSION = Session(
 )
 
 
+def _by_id(query: dict[str, Any]) -> str:
+    """The `_id` a query names: FerretDB (as built, see tools/ferretdb/README.md) reads that one
+    row by the `_id` index; any query without a plain `_id` reads every row of the table."""
+    assert isinstance(query.get("_id"), str), f"{query}: FerretDB scans the collection for this"
+    return query["_id"]
+
+
+def _matches(document: dict[str, Any], query: dict[str, Any]) -> bool:
+    for field, wanted in query.items():
+        value = document.get(field)
+        if isinstance(wanted, dict):
+            assert set(wanted) == {"$lt"}, f"the fake knows only $lt, not {wanted}"
+            if not (value is not None and value < wanted["$lt"]):
+                return False
+        elif value != wanted:
+            return False
+    return True
+
+
 class FakeCollection:
     def __init__(self) -> None:
         self.documents: dict[str, dict[str, Any]] = {}
 
+    def _match(self, query: dict[str, Any]) -> dict[str, Any] | None:
+        document = self.documents.get(_by_id(query))
+        return document if document is not None and _matches(document, query) else None
+
     async def find_one(self, query: dict[str, Any], projection: Any = None) -> dict[str, Any] | None:
-        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
-        document = self.documents.get(query["_id"])
+        document = self._match(query)
         return None if document is None else dict(document)
 
     async def insert_one(self, document: dict[str, Any]) -> None:
@@ -65,14 +89,17 @@ class FakeCollection:
             raise DuplicateKeyError("E11000 duplicate key")
         self.documents[document["_id"]] = dict(document)
 
-    async def replace_one(self, query: dict[str, Any], document: dict[str, Any], upsert: bool = False) -> None:
-        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
-        if upsert or query["_id"] in self.documents:
-            self.documents[query["_id"]] = dict(document)
+    async def replace_one(self, query: dict[str, Any], document: dict[str, Any], upsert: bool = False) -> Any:
+        matched = self._match(query) is not None
+        if matched or upsert:
+            self.documents[_by_id(query)] = dict(document)
+        return SimpleNamespace(matched_count=int(matched))
 
-    async def delete_one(self, query: dict[str, Any]) -> None:
-        assert set(query) == {"_id"}, "only `_id` lookups: FerretDB scans for anything else"
-        self.documents.pop(query["_id"], None)
+    async def delete_one(self, query: dict[str, Any]) -> Any:
+        matched = self._match(query) is not None
+        if matched:
+            del self.documents[_by_id(query)]
+        return SimpleNamespace(deleted_count=int(matched))
 
 
 @pytest.fixture
@@ -118,13 +145,23 @@ def test_session_round_trip(database: dict[str, FakeCollection]) -> None:
     assert sessions.to_document(SESSION)["command_timeout_ms"] == 45_000
 
 
-async def test_a_claim_writes_the_document(commands: CommandRepository, database: dict[str, FakeCollection]) -> None:
+async def _change(commands: CommandRepository, command: Command) -> None:
+    assert await commands.claim(command)
+    await commands.store(command)
+
+
+async def test_a_claim_is_the_change_and_store_writes_it_out(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
     await commands.insert(COMMAND)
 
     assert await commands.claim(COMMAND.delivered(AT))
 
-    assert await commands.get(COMMAND.id) == COMMAND.delivered(AT)
     assert set(database["command_revisions"].documents) == {revision_key(COMMAND.id, 2)}
+    assert await commands.read(COMMAND.id) == COMMAND  # the stored document, one claim behind
+    await commands.store(COMMAND.delivered(AT))
+    assert await commands.read(COMMAND.id) == COMMAND.delivered(AT)
+    assert await commands.get(COMMAND.id) == COMMAND.delivered(AT)
 
 
 async def test_a_revision_is_claimed_once(commands: CommandRepository) -> None:
@@ -180,10 +217,10 @@ async def test_the_open_copy_follows_a_command_until_it_ends(
     assert open_copy[COMMAND.id]["state"] == "PENDING"
 
     delivered = COMMAND.delivered(AT)
-    await commands.claim(delivered)
+    await _change(commands, delivered)
     assert open_copy[COMMAND.id]["state"] == "DELIVERED"
 
-    await commands.claim(delivered.finished(CommandState.COMPLETED, AT, {"ok": True}, ""))
+    await _change(commands, delivered.finished(CommandState.COMPLETED, AT, {"ok": True}, ""))
     assert COMMAND.id not in open_copy
 
 
@@ -192,8 +229,8 @@ async def test_a_command_canceled_after_delivery_stays_open_until_its_deadline(
 ) -> None:
     await commands.insert(COMMAND)
     delivered = COMMAND.delivered(AT)
-    await commands.claim(delivered)
-    await commands.claim(delivered.canceled(AT))
+    await _change(commands, delivered)
+    await _change(commands, delivered.canceled(AT))
 
     assert database["open_commands"].documents[COMMAND.id]["state"] == "CANCELED"
 
@@ -202,7 +239,7 @@ async def test_a_command_canceled_while_pending_leaves_nothing_open(
     commands: CommandRepository, database: dict[str, FakeCollection]
 ) -> None:
     await commands.insert(COMMAND)
-    await commands.claim(COMMAND.canceled(AT))
+    await _change(commands, COMMAND.canceled(AT))
 
     assert database["open_commands"].documents == {}
 

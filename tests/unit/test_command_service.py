@@ -621,6 +621,35 @@ async def test_a_writer_that_stopped_after_its_claim_is_rolled_forward(world: Wo
     assert world.stored(command.name).state is S.DELIVERED
 
 
+async def test_a_change_on_a_stale_read_loses_its_claim_and_starts_again_from_the_latest(world: World) -> None:
+    command = await delivered(world)
+    world.commands.write_claimed = False  # IN_PROGRESS is claimed, its document not yet written
+    await as_(ADAPTER, world.service.report_status(command.name, S.IN_PROGRESS, None, ""))
+    world.commands.write_claimed = True
+
+    completed = await as_(ADAPTER, world.instance().report_status(command.name, S.COMPLETED, {"ok": True}, ""))
+
+    assert (completed.state, completed.revision) == (S.COMPLETED, 4)
+    assert [e.description for e in world.events(command.name)][2:] == [
+        "command DELIVERED -> IN_PROGRESS",
+        "command IN_PROGRESS -> COMPLETED",
+    ]
+
+
+async def test_nothing_to_do_on_a_stale_read_is_checked_against_the_latest(world: World) -> None:
+    command = await delivered(world)
+    world.commands.write_claimed = False
+    await as_(ADAPTER, world.service.report_status(command.name, S.IN_PROGRESS, None, ""))
+    world.commands.write_claimed = True
+    assert world.stored(command.name).state is S.DELIVERED
+
+    # Delivered already, says the stored document; the command is in fact running.
+    again = await as_(ADAPTER, world.instance().mark_delivered(command.name))
+
+    assert again.state is S.IN_PROGRESS
+    assert world.stored(command.name).state is S.IN_PROGRESS
+
+
 async def test_a_command_that_keeps_changing_is_aborted(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     command = await create(world)
     always_taken = world.commands.claim

@@ -225,6 +225,8 @@ class Run:
             "to_device_p99_ms": _round(percentile(delivery_ms, 0.99)),
             "device_to_visible_p50_ms": _round(percentile(report_ms, 0.5)),
             "device_to_visible_p99_ms": _round(percentile(report_ms, 0.99)),
+            "platform_p50_ms": _round(percentile(commands.platform_ms, 0.5)),
+            "platform_p99_ms": _round(percentile(commands.platform_ms, 0.99)),
             "cpu_seconds": command_cpu,
         }
         if isinstance(target, MedmeshTarget):
@@ -370,6 +372,8 @@ def rows(settings: Settings) -> list[Row]:
         ("  created -> at the device p99 ms", "", ("commands", "to_device_p99_ms"), None),
         ("  device -> seen COMPLETED p50 ms", "", ("commands", "device_to_visible_p50_ms"), None),
         ("  device -> seen COMPLETED p99 ms", "", ("commands", "device_to_visible_p99_ms"), None),
+        ("  created -> COMPLETED stored p50 ms", "", ("commands", "platform_p50_ms"), None),
+        ("  created -> COMPLETED stored p99 ms", "", ("commands", "platform_p99_ms"), None),
         ("  commands unanswered", "0", ("commands", "unanswered"), lambda v: v == 0),
         ("RSS KiB per idle TLS connection", "<= 40", ("memory", "kib_per_connection"), lambda v: v <= 40),
         ("  idle connections measured", "", ("memory", "idle_connections"), None),

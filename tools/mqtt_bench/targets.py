@@ -21,6 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +62,9 @@ class CommandFigures:
     completed: list[tuple[str, float, float]]
     unanswered: list[str]
     create_failures: dict[str, int] = field(default_factory=dict)  # medmesh: POSTs that failed
+    # medmesh: ms from create_time to complete_time, both by the command service's clock: how
+    # long the platform took, without the REST round trips and the polling around it.
+    platform_ms: list[float] = field(default_factory=list)
 
 
 class Target(ABC):
@@ -308,6 +312,7 @@ class MedmeshTarget(Target):
         completed: list[tuple[str, float, float]] = []
         unanswered: list[str] = []
         create_failures: dict[str, int] = {}
+        platform_ms: list[float] = []
         async with httpx.AsyncClient(
             base_url=self.platform.gateway,
             verify=context,
@@ -338,8 +343,11 @@ class MedmeshTarget(Target):
                     except httpx.HTTPError:
                         break
                     self.command_polls += 1
-                    if reply.status_code == 200 and reply.json().get("state") == "STATE_COMPLETED":
+                    if reply.status_code == 200 and (seen := reply.json()).get("state") == "STATE_COMPLETED":
                         completed.append((command_id, due, time.monotonic()))
+                        at = datetime.fromisoformat
+                        took = at(seen["complete_time"]) - at(seen["create_time"])
+                        platform_ms.append(took.total_seconds() * 1000)
                         return
                     await asyncio.sleep(min(0.2, max(0.005, elapsed / 5)))
                 unanswered.append(command_id)
@@ -349,13 +357,14 @@ class MedmeshTarget(Target):
                 await one(device.device_id, time.monotonic())
             completed.clear()
             create_failures.clear()
+            platform_ms.clear()
             self.command_polls = 0
             start = time.monotonic() + 0.2
             total = int(rate * duration)
             await asyncio.gather(
                 *(one(self.active[i % len(self.active)].device_id, start + i / rate) for i in range(total))
             )
-        return CommandFigures(completed, unanswered, create_failures)
+        return CommandFigures(completed, unanswered, create_failures, platform_ms)
 
     def _components(self) -> dict[str, int]:
         status = json.loads(self.platform.config.status_file.read_text())
