@@ -13,7 +13,7 @@ The same code is correct on MongoDB.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
@@ -31,6 +31,9 @@ _AWAITING_COMMAND = [
     SessionState.RESUMING.value,
     SessionState.STOPPING.value,
 ]
+# A claim not stored this long after it was made is taken as abandoned by its writer: the next
+# `get` stores it.
+ABANDONED_CLAIM = timedelta(seconds=5)
 # Stop requests and cancellations listed for one device at most; both end by their deadline.
 MAX_SIGNALS = 500
 
@@ -74,7 +77,12 @@ class RevisionedRepository(MongoRepository[R]):
         self._revisions = database[self.revisions_name]
 
     async def get(self, resource_id: str) -> R | None:
-        """The resource as it is: the stored document, rolled forward over any claim not yet stored."""
+        """The resource as it is: the stored document, rolled forward over any claim not yet stored.
+
+        A claim is normally stored by its claimant a moment later, so the reader only stores
+        those left ABANDONED_CLAIM or longer (their writer stopped): readers do not race the
+        claimant to write the same document.
+        """
         document = await self._collection.find_one({"_id": resource_id})
         if document is None:
             return None
@@ -83,7 +91,9 @@ class RevisionedRepository(MongoRepository[R]):
             if newer is None:
                 return self.from_document(document)
             document = newer["document"]
-            await self._write(document)
+            claimed = newer.get("claim_time")
+            if claimed is None or claimed <= datetime.now(UTC) - ABANDONED_CLAIM:
+                await self._write(document)
 
     async def read(self, resource_id: str) -> R | None:
         """The stored document alone: one read, but possibly behind a claim not yet stored.
@@ -105,6 +115,7 @@ class RevisionedRepository(MongoRepository[R]):
                     "resource": resource.id,
                     "revision": resource.revision,
                     "document": self.to_document(resource),
+                    "claim_time": datetime.now(UTC),
                 }
             )
         except DuplicateKeyError:

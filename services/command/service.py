@@ -64,6 +64,7 @@ from services.command.domain import (
     storage_key,
 )
 from services.command.notifier import CommandNotifier, NoCommandNotifier
+from services.command.watch import CommandWatch
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,13 @@ SESSION_REPAIR_GRACE = timedelta(seconds=5)
 # A session command still missing this long after the session asked for it was never created.
 MISSING_COMMAND_GRACE = timedelta(seconds=30)
 SWEEPER = "command-sweeper"
+# WaitCommand: how long a caller waits unless it says, and at most (the gateway allows 30 s).
+DEFAULT_WAIT = timedelta(seconds=10)
+MAX_WAIT = timedelta(seconds=20)
+# A change made by another instance is not announced to this one's waiters: they read the
+# command again after 50 ms, then after twice as long each time, at most every second.
+FIRST_RECHECK_SECONDS = 0.05
+MAX_RECHECK_SECONDS = 1.0
 
 
 def _state_name(written: str) -> str:
@@ -201,6 +209,7 @@ class CommandService:
         trail: AuditTrail,
         notifier: CommandNotifier | None = None,
         clock: Callable[[], datetime] = now,
+        watch: CommandWatch | None = None,
     ) -> None:
         self._commands = commands
         self._sessions = sessions
@@ -208,6 +217,7 @@ class CommandService:
         self._trail = trail
         self._notifier = notifier or NoCommandNotifier()
         self._clock = clock
+        self._watch = watch or CommandWatch()
         self._pending_counts: dict[str, tuple[datetime, int]] = {}  # device -> (read at, count since)
 
     # --- commands: public ---------------------------------------------------------------------
@@ -233,6 +243,32 @@ class CommandService:
 
     async def get_command(self, name: str) -> Command:
         return await self._visible_command(name, READ_ROLES, "read commands")
+
+    async def wait_command(self, name: str, state: CommandState | None, within: timedelta | None) -> Command:
+        """The command once it has left `state` (None: once it is final), or after `within`
+        (None: DEFAULT_WAIT; at most MAX_WAIT) as it is then."""
+        device_id, command_id = parse_command_name(name)
+        wait = min(DEFAULT_WAIT if within is None else within, MAX_WAIT).total_seconds()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        recheck = FIRST_RECHECK_SECONDS
+        # Watching before the first read: a change made in between is not missed.
+        with self._watch.watching(storage_key(device_id, command_id)) as changes:
+            command = await self._visible_command(name, READ_ROLES, "read commands")
+            while not (command.is_terminal if state is None else command.state is not state):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(left, recheck)):
+                        changed = await changes.get()
+                except TimeoutError:  # perhaps changed by another instance
+                    recheck = min(2 * recheck, MAX_RECHECK_SECONDS)
+                    command = await self._commands.get(command.id) or command
+                    continue
+                if changed.revision > command.revision:
+                    command = changed
+        return command
 
     async def list_commands(self, parent: str, filter_text: str, page_size: int, page_token: str) -> CommandPage:
         principal = current_principal()
@@ -451,7 +487,9 @@ class CommandService:
                     await self._commands.forget_if_finished(current)
                     return current, False
             elif await self._commands.claim(changed):
-                # Claimed, the change has happened: its audit need not wait for the document write.
+                # Claimed, the change has happened (a `get` shows it from now on): those waiting
+                # for it are answered, and its audit need not wait for the document write.
+                self._watch.changed(changed)
                 await asyncio.gather(
                     self._commands.store(changed),
                     audit(

@@ -25,6 +25,8 @@ _STATE_TO_PB = {
     CommandState.EXPIRED: pb.Command.STATE_EXPIRED,
 }
 _STATE_FROM_PB = {value: key for key, value in _STATE_TO_PB.items()}
+# WaitCommand ends this long before the caller's deadline, so the answer still reaches it.
+_ANSWER_MARGIN_SECONDS = 0.2
 _SESSION_STATE_TO_PB = {
     SessionState.STARTING: pb.Session.STATE_STARTING,
     SessionState.ACTIVE: pb.Session.STATE_ACTIVE,
@@ -155,6 +157,16 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
 
     async def GetCommand(self, request: pb.GetCommandRequest, context: grpc.aio.ServicerContext) -> pb.Command:
         return command_to_pb(await self._service.get_command(request.name))
+
+    async def WaitCommand(self, request: pb.WaitCommandRequest, context: grpc.aio.ServicerContext) -> pb.Command:
+        state = _STATE_FROM_PB.get(request.state) if request.state else None
+        timeout = request.timeout.ToTimedelta() if request.HasField("timeout") else None
+        # The caller's own deadline ends the wait first, with time left to send the answer.
+        remaining = context.time_remaining()
+        if remaining is not None:
+            cap = timedelta(seconds=max(0.0, remaining - _ANSWER_MARGIN_SECONDS))
+            timeout = cap if timeout is None else min(timeout, cap)
+        return command_to_pb(await self._service.wait_command(request.name, state, timeout))
 
     async def ListCommands(
         self, request: pb.ListCommandsRequest, context: grpc.aio.ServicerContext

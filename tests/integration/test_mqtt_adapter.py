@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -332,6 +333,30 @@ def test_commands_are_pushed_live_and_completed(rest: httpx.Client, identity: De
     # A report about a command that is over is answered on errors.
     device.publish(f"commands/{command_id}/status", {"state": "FAILED", "error_message": "late"})
     assert device.expect("errors")["reason"] == "COMMAND_ALREADY_FINISHED"
+
+
+def test_a_portal_waits_for_a_command_over_rest(rest: httpx.Client, identity: DeviceIdentity, connect: Connect) -> None:
+    device = connect(identity)
+    device.subscribe_own()
+    command = create_command(rest, identity.name)
+    name = command["name"]
+    device.expect("commands", within=5)
+    # Delivered already, or answered as soon as it is.
+    delivered = ok(rest.get(f"/v1/{name}:wait", params={"state": "STATE_PENDING", "timeout": "5s"}))
+    assert delivered["state"] == "STATE_DELIVERED"
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(lambda: ok(rest.get(f"/v1/{name}:wait", params={"timeout": "10s"})))
+        time.sleep(0.3)
+        assert not waiting.done()
+        command_id = str(name).rsplit("/", 1)[-1]
+        device.publish(f"commands/{command_id}/status", {"state": "COMPLETED", "result": {"systolic": 118}})
+        done = waiting.result(5)
+    assert (done["state"], done["result"]) == ("STATE_COMPLETED", {"systolic": 118})
+
+    # Final already: answered at once; a wait longer than the gateway allows is refused.
+    assert ok(rest.get(f"/v1/{name}:wait"))["state"] == "STATE_COMPLETED"
+    assert rest.get(f"/v1/{name}:wait", params={"timeout": "60s"}).status_code == 400
 
 
 def test_commands_wait_for_an_offline_device(rest: httpx.Client, identity: DeviceIdentity, connect: Connect) -> None:

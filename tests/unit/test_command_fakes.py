@@ -38,8 +38,10 @@ class InMemoryRevisionedStore(InMemoryRepository[R]):
         self.before_next_claim: ClaimHook[R] | None = None
         # False plays a writer that stops between its claim and its document write.
         self.write_claimed = True
+        self.reads = 0  # calls to get and read
 
     async def get(self, resource_id: str) -> R | None:
+        self.reads += 1
         current = self.items.get(resource_id)
         while current is not None and (resource_id, current.revision + 1) in self.claims:
             current = self.claims[(resource_id, current.revision + 1)]
@@ -47,6 +49,7 @@ class InMemoryRevisionedStore(InMemoryRepository[R]):
         return current
 
     async def read(self, resource_id: str) -> R | None:
+        self.reads += 1
         return self.items.get(resource_id)
 
     async def claim(self, resource: R) -> bool:

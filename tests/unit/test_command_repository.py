@@ -23,7 +23,7 @@ from services.command.domain import (
     SessionState,
     new_command,
 )
-from services.command.repository import CommandRepository, SessionRepository, revision_key
+from services.command.repository import ABANDONED_CLAIM, CommandRepository, SessionRepository, revision_key
 
 AT = datetime(2026, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
 COMMAND = new_command(
@@ -194,6 +194,22 @@ async def test_get_rolls_forward_claims_whose_write_never_happened(
 
     assert await commands.get(COMMAND.id) == started
     assert database["commands"].documents[COMMAND.id]["state"] == "IN_PROGRESS"
+
+
+async def test_get_shows_a_fresh_claim_but_leaves_storing_it_to_its_claimant(
+    commands: CommandRepository, database: dict[str, FakeCollection]
+) -> None:
+    await commands.insert(COMMAND)
+    assert await commands.claim(COMMAND.delivered(AT))
+
+    assert await commands.get(COMMAND.id) == COMMAND.delivered(AT)
+    assert database["commands"].documents[COMMAND.id]["state"] == "PENDING"
+
+    # Not stored after ABANDONED_CLAIM: its writer stopped, and the reader stores it.
+    claim = database["command_revisions"].documents[revision_key(COMMAND.id, 2)]
+    claim["claim_time"] -= ABANDONED_CLAIM
+    assert await commands.get(COMMAND.id) == COMMAND.delivered(AT)
+    assert database["commands"].documents[COMMAND.id]["state"] == "DELIVERED"
 
 
 async def test_a_late_write_does_not_go_back(commands: CommandRepository, database: dict[str, FakeCollection]) -> None:

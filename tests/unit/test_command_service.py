@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -33,6 +35,7 @@ from services.command.domain import (
     parse_command_name,
 )
 from services.command.service import CommandService
+from services.command.watch import CommandWatch
 from tests.unit.test_command_fakes import (
     Clock,
     FakeDeviceDirectory,
@@ -327,6 +330,101 @@ async def test_list_filters_and_pages(world: World) -> None:
     await refused(
         OPERATOR_A, world.service.list_commands(SN1, 'creator = "x"', 0, ""), InvalidArgument, "INVALID_FILTER"
     )
+
+
+# --- waiting ----------------------------------------------------------------------------------
+
+
+def waiting(
+    world: World, command: Command, state: CommandState | None = None, within: float = 5
+) -> asyncio.Task[Command]:
+    call = world.service.wait_command(command.name, state, timedelta(seconds=within))
+    return asyncio.create_task(as_(OPERATOR_A, call))
+
+
+async def test_a_waiter_is_answered_by_a_change_in_its_instance_without_reading_again(world: World) -> None:
+    command = await delivered(world)
+    waiter = waiting(world, command)
+    await asyncio.sleep(0.01)
+    reads = world.commands.reads
+
+    done = await as_(ADAPTER, world.service.report_status(command.name, S.COMPLETED, {"ok": 1}, ""))
+
+    started = time.monotonic()
+    assert await waiter == done
+    assert time.monotonic() - started < 0.04  # at once, not at the first recheck (50 ms)
+    assert world.commands.reads == reads + 1  # the report's own read only
+
+
+async def test_a_waiter_waits_through_steps_that_are_not_final(world: World) -> None:
+    command = await delivered(world)
+    waiter = waiting(world, command)
+    await as_(ADAPTER, world.service.report_status(command.name, S.IN_PROGRESS, None, ""))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+
+    await as_(ADAPTER, world.service.report_status(command.name, S.FAILED, None, "jammed"))
+
+    assert (await waiter).state is S.FAILED
+
+
+async def test_a_waiter_with_a_known_state_is_answered_by_the_next_one(world: World) -> None:
+    command = await create(world)
+    assert await as_(OPERATOR_A, world.service.wait_command(command.name, S.DELIVERED, None)) == command  # left it
+
+    waiter = waiting(world, command, S.PENDING)
+    delivery = await as_(ADAPTER, world.service.mark_delivered(command.name))
+
+    assert await waiter == delivery
+
+
+async def test_a_change_by_another_instance_is_seen_by_reading_again(world: World) -> None:
+    command = await delivered(world)
+    waiter = waiting(world, command)
+    started = time.monotonic()
+    await asyncio.sleep(0.01)  # waiting, not yet rechecked
+
+    done = await as_(ADAPTER, world.instance().report_status(command.name, S.COMPLETED, None, ""))
+
+    assert await waiter == done
+    assert 0.05 <= time.monotonic() - started < 0.5  # the first recheck, after 50 ms
+
+
+async def test_a_wait_ends_after_its_time_with_the_command_as_it_is(world: World) -> None:
+    command = await create(world)
+    started = time.monotonic()
+
+    assert await waiting(world, command, within=0.3) == command
+
+    assert 0.3 <= time.monotonic() - started < 0.6
+    assert await as_(OPERATOR_A, world.service.wait_command(command.name, None, timedelta(0))) == command
+
+
+async def test_a_wait_is_for_those_who_may_read_the_command(world: World) -> None:
+    command = await create(world)
+    no_wait = timedelta(0)
+
+    await refused(
+        PATIENT_A, world.service.wait_command(command.name, None, no_wait), PermissionDenied, "ROLE_NOT_ALLOWED"
+    )
+    await refused(
+        CLINICIAN_B,
+        world.service.wait_command(command.name, None, no_wait),
+        PermissionDenied,
+        "ORGANIZATION_ACCESS_DENIED",
+    )
+
+
+async def test_waiters_are_limited_per_instance(world: World) -> None:
+    command = await create(world)
+    service = CommandService(
+        world.commands, world.sessions, world.devices, world.trail, world.notifier, world.clock, CommandWatch(1)
+    )
+    first = asyncio.create_task(as_(OPERATOR_A, service.wait_command(command.name, None, timedelta(seconds=5))))
+    await asyncio.sleep(0.01)
+
+    await refused(OPERATOR_A, service.wait_command(command.name, None, None), ResourceExhausted, "TOO_MANY_WAITERS")
+    first.cancel()
 
 
 # --- cancel and stop --------------------------------------------------------------------------

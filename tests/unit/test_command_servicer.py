@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -323,4 +324,40 @@ async def test_grpc_permission_denied_before_not_found(stubs: Stubs) -> None:
         stubs.public.GetCommand(pb.GetCommandRequest(name="devices/SN-1/commands/none"), metadata=as_("outsider"))
     )
 
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ORGANIZATION_ACCESS_DENIED")
+
+
+async def test_grpc_wait_command(stubs: Stubs) -> None:
+    created = await stubs.public.CreateCommand(
+        pb.CreateCommandRequest(parent="devices/SN-1", command=pb.Command(command_name="reboot")),
+        metadata=as_("operator"),
+    )
+    # Left PENDING: answered when the adapter delivers it.
+    waiter = asyncio.ensure_future(
+        stubs.public.WaitCommand(
+            pb.WaitCommandRequest(name=created.name, state=pb.Command.STATE_PENDING), metadata=as_("operator")
+        )
+    )
+    await asyncio.sleep(0.05)
+    delivered = await stubs.internal.MarkCommandDelivered(
+        pb.MarkCommandDeliveredRequest(name=created.name), metadata=ADAPTER
+    )
+    assert await waiter == delivered
+
+    # Not final within `timeout`, or within the caller's shorter deadline: the command as it is.
+    request = pb.WaitCommandRequest(name=created.name, timeout=duration_pb2.Duration(nanos=100_000_000))
+    assert await stubs.public.WaitCommand(request, metadata=as_("operator")) == delivered
+    started = time.monotonic()
+    answer = await stubs.public.WaitCommand(
+        pb.WaitCommandRequest(name=created.name), metadata=as_("operator"), timeout=0.5
+    )
+    assert answer == delivered
+    assert time.monotonic() - started < 0.5
+
+    too_long = pb.WaitCommandRequest(name=created.name, timeout=duration_pb2.Duration(seconds=21))
+    code, reason, fields = await call_error(stubs.public.WaitCommand(too_long, metadata=as_("operator")))
+    assert (code, reason, fields) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", ["timeout"])
+    code, reason, _ = await call_error(
+        stubs.public.WaitCommand(pb.WaitCommandRequest(name=created.name), metadata=as_("outsider"))
+    )
     assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ORGANIZATION_ACCESS_DENIED")

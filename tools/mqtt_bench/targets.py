@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import json
 import os
 import pwd
@@ -62,9 +63,9 @@ class CommandFigures:
     completed: list[tuple[str, float, float]]
     unanswered: list[str]
     create_failures: dict[str, int] = field(default_factory=dict)  # medmesh: POSTs that failed
-    # medmesh: ms from create_time to complete_time, both by the command service's clock: how
-    # long the platform took, without the REST round trips and the polling around it.
-    platform_ms: list[float] = field(default_factory=list)
+    # medmesh, per command answered, ms: due -> its create_time, create_time -> complete_time
+    # (the command service's clock: the platform's own part), complete_time -> seen over REST.
+    split_ms: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 class Target(ABC):
@@ -109,6 +110,10 @@ def _wait_for_port(port: int, within: float, process: subprocess.Popen[bytes], l
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {within:.0f} s")
+
+
+_STORED_TIMES = ("create_time", "complete_time")
+_FINAL_STATES = {"STATE_FAILED", "STATE_TIMED_OUT", "STATE_CANCELED", "STATE_EXPIRED"}
 
 
 def _die_with_parent() -> None:
@@ -312,7 +317,8 @@ class MedmeshTarget(Target):
         completed: list[tuple[str, float, float]] = []
         unanswered: list[str] = []
         create_failures: dict[str, int] = {}
-        platform_ms: list[float] = []
+        split_ms: list[tuple[float, float, float]] = []
+        wall_offset = time.time() - time.monotonic()
         async with httpx.AsyncClient(
             base_url=self.platform.gateway,
             verify=context,
@@ -334,22 +340,24 @@ class MedmeshTarget(Target):
                     return
                 name = created.json()["name"]
                 command_id = name.rpartition("/")[2]
-                # Polled after a fifth of the time so far (5-200 ms): the figure is within 20 % of
-                # when REST shows COMPLETED, without a storm of GETs loading the path measured
-                # (each GET is a read in the command service's database).
-                while (elapsed := time.monotonic() - due) < answer_timeout:
+                # Followed as a portal would, with WaitCommand (long polling): it answers when
+                # the command is final, so no GET loads the path measured and none comes late.
+                while (left := due + answer_timeout - 0.5 - time.monotonic()) > 0:
                     try:
-                        reply = await http.get(f"/v1/{name}")
+                        reply = await http.get(f"/v1/{name}:wait", params={"timeout": f"{min(left, 20):.3f}s"})
                     except httpx.HTTPError:
                         break
                     self.command_polls += 1
                     if reply.status_code == 200 and (seen := reply.json()).get("state") == "STATE_COMPLETED":
-                        completed.append((command_id, due, time.monotonic()))
-                        at = datetime.fromisoformat
-                        took = at(seen["complete_time"]) - at(seen["create_time"])
-                        platform_ms.append(took.total_seconds() * 1000)
+                        done = time.monotonic()
+                        completed.append((command_id, due, done))
+                        create, complete = (datetime.fromisoformat(seen[k]).timestamp() for k in _STORED_TIMES)
+                        walls = (due + wall_offset, create, complete, done + wall_offset)
+                        rest_in, platform, rest_out = ((b - a) * 1000 for a, b in itertools.pairwise(walls))
+                        split_ms.append((rest_in, platform, rest_out))
                         return
-                    await asyncio.sleep(min(0.2, max(0.005, elapsed / 5)))
+                    if reply.status_code != 200 or seen.get("state") in _FINAL_STATES:
+                        break
                 unanswered.append(command_id)
 
             # A few round trips first open the gateway's connections before timing starts.
@@ -357,14 +365,14 @@ class MedmeshTarget(Target):
                 await one(device.device_id, time.monotonic())
             completed.clear()
             create_failures.clear()
-            platform_ms.clear()
+            split_ms.clear()
             self.command_polls = 0
             start = time.monotonic() + 0.2
             total = int(rate * duration)
             await asyncio.gather(
                 *(one(self.active[i % len(self.active)].device_id, start + i / rate) for i in range(total))
             )
-        return CommandFigures(completed, unanswered, create_failures, platform_ms)
+        return CommandFigures(completed, unanswered, create_failures, split_ms)
 
     def _components(self) -> dict[str, int]:
         status = json.loads(self.platform.config.status_file.read_text())
