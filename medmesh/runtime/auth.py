@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -176,13 +177,35 @@ class KeySource(Protocol):
 
 
 class TokenVerifier:
-    """Verifies ES256 access tokens against published keys and returns their principal."""
+    """Verifies ES256 access tokens against published keys and returns their principal.
 
-    def __init__(self, keys: KeySource, settings: TokenSettings | None = None) -> None:
+    A token verified once is remembered (at most `remembered` of them, the least recently used
+    forgotten first): a client's next calls with it skip the signature check, which was 7% of
+    the command service's CPU. A remembered token is still refused once it expires or once its
+    key is no longer published.
+    """
+
+    def __init__(self, keys: KeySource, settings: TokenSettings | None = None, remembered: int = 10_000) -> None:
         self._keys = keys
         self._settings = settings or TokenSettings()
+        self._remembered = remembered
+        self._verified: OrderedDict[str, tuple[str, float, Principal]] = OrderedDict()  # token -> kid, exp, who
 
     async def verify(self, token: str) -> Principal:
+        known = self._verified.get(token)
+        if known is not None:
+            kid, expires, principal = known
+            if time.time() <= expires + self._settings.leeway_seconds and await self._keys.public_key(kid) is not None:
+                self._verified.move_to_end(token)
+                return principal
+            del self._verified[token]  # checked in full below, and refused with the reason why
+        principal, kid, expires = await self._verify(token)
+        self._verified[token] = (kid, expires, principal)
+        while len(self._verified) > self._remembered:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, str, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as error:
@@ -206,7 +229,7 @@ class TokenVerifier:
             raise Unauthenticated("the access token has expired", reason="TOKEN_EXPIRED") from error
         except jwt.InvalidTokenError as error:
             raise Unauthenticated(f"the access token is invalid: {error}", reason="TOKEN_INVALID") from error
-        return principal_from_claims(claims, token)
+        return principal_from_claims(claims, token), header["kid"], float(claims["exp"])
 
 
 JwksFetch = Callable[[], Awaitable[list[dict[str, str]]]]

@@ -3,6 +3,8 @@ audit events they leave (never with a secret in them)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Literal
@@ -13,7 +15,7 @@ from argon2 import PasswordHasher
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from medmesh.runtime.audit import AuditEvent, Outcome
-from medmesh.runtime.auth import JwksCache, Principal, Role, TokenVerifier, acting_as
+from medmesh.runtime.auth import JwksCache, Principal, Role, TokenSettings, TokenVerifier, acting_as
 from medmesh.runtime.errors import ResourceExhausted, Unauthenticated
 from services.identity.domain import TokenGrant, User, lock_duration
 from services.identity.passwords import Passwords
@@ -434,3 +436,66 @@ async def test_identity_verifies_its_own_tokens_from_its_store(identity: Identit
     with pytest.raises(Unauthenticated) as wrong_key:
         await own.verify(jwt.encode(claims, stranger, algorithm="ES256", headers={"kid": kid}))
     assert wrong_key.value.reason == "TOKEN_INVALID"
+
+
+# --- verified tokens remembered -----------------------------------------------------------------
+
+
+class SwitchableKeys:
+    def __init__(self, kid: str, key: Any) -> None:
+        self.keys = {kid: key}
+
+    async def public_key(self, kid: str) -> Any | None:
+        return self.keys.get(kid)
+
+
+def signed(private: ec.EllipticCurvePrivateKey, kid: str, expires_in: float) -> str:
+    now = time.time()
+    claims = {"sub": "organizations/a/users/u", "org": ORG_A, "role": "clinician", "iss": "medmesh", "aud": "medmesh"}
+    claims |= {"iat": int(now), "exp": int(now + expires_in)}  # whole seconds, as PyJWT reads them
+    return jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid})
+
+
+async def test_a_token_verified_once_is_not_checked_again_until_it_expires_or_its_key_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    keys = SwitchableKeys("k1", private.public_key())
+    verifier = TokenVerifier(keys, TokenSettings(leeway_seconds=0))
+    token, short = signed(private, "k1", 600), signed(private, "k1", 2)  # valid for 1 to 2 s
+    decodes = 0
+    decode = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal decodes
+        decodes += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    first = await verifier.verify(token)
+    assert await verifier.verify(token) == first
+    assert decodes == 1
+    # A token whose signature does not hold is never taken for a remembered one.
+    with pytest.raises(Unauthenticated):
+        await verifier.verify(token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB"))
+
+    await verifier.verify(short)
+    await asyncio.sleep(jwt.decode(short, options={"verify_signature": False})["exp"] - time.time() + 0.05)
+    with pytest.raises(Unauthenticated) as expired:
+        await verifier.verify(short)
+    assert expired.value.reason == "TOKEN_EXPIRED"
+
+    del keys.keys["k1"]  # the key is withdrawn
+    with pytest.raises(Unauthenticated) as withdrawn:
+        await verifier.verify(token)
+    assert withdrawn.value.reason == "TOKEN_KEY_UNKNOWN"
+
+
+async def test_remembered_tokens_are_bounded() -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    verifier = TokenVerifier(SwitchableKeys("k1", private.public_key()), remembered=2)
+    tokens = [signed(private, "k1", 600 + i) for i in range(3)]
+    for token in tokens:
+        await verifier.verify(token)
+
+    assert list(verifier._verified) == tokens[1:]
