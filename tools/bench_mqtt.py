@@ -9,7 +9,8 @@ certificates, the cloud side emulated by MQTT clients), on the same machine, and
   - the ingest rate again with thousands of idle devices connected, as a ratio to the first
     ingest run and to a run with the active devices alone just before the fleet connects (the
     database is as big then);
-  - command round trips (medmesh: REST create -> device -> COMPLETED visible over REST);
+  - command round trips (medmesh: REST create -> device -> COMPLETED visible over REST, followed
+    with `:wait`, and split by the platform's clock into REST in, the platform, REST out);
   - broker RSS per idle TLS connection;
   - CPU seconds per process during the ingest runs (who used the cores).
 Prints a table (figure, goal, medmesh, mosquitto, ratio) and writes build/bench/mqtt.json.

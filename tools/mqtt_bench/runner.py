@@ -233,7 +233,7 @@ class Run:
             "cpu_seconds": command_cpu,
         }
         if isinstance(target, MedmeshTarget):
-            self.figures["commands"]["rest_gets_per_command"] = round(target.command_polls / max(1, len(total_ms)), 1)
+            self.figures["commands"]["rest_waits_per_command"] = round(target.command_waits / max(1, len(total_ms)), 1)
         self.say(f"  p50 {self.figures['commands']['p50_ms']} ms, p99 {self.figures['commands']['p99_ms']} ms")
 
     def _memory(self) -> None:

@@ -256,7 +256,7 @@ class MedmeshTarget(Target):
         self._operator_token = ""
         self._operator_login: tuple[str, str] = ("", "")
         self._started = False
-        self.command_polls = 0
+        self.command_waits = 0
 
     def _register(self, admin: httpx.Client, organization: str, count: int) -> list[DeviceCredentials]:
         certs = self.workdir / "certs"
@@ -347,7 +347,7 @@ class MedmeshTarget(Target):
                         reply = await http.get(f"/v1/{name}:wait", params={"timeout": f"{min(left, 20):.3f}s"})
                     except httpx.HTTPError:
                         break
-                    self.command_polls += 1
+                    self.command_waits += 1
                     if reply.status_code == 200 and (seen := reply.json()).get("state") == "STATE_COMPLETED":
                         done = time.monotonic()
                         completed.append((command_id, due, done))
@@ -366,7 +366,7 @@ class MedmeshTarget(Target):
             completed.clear()
             create_failures.clear()
             split_ms.clear()
-            self.command_polls = 0
+            self.command_waits = 0
             start = time.monotonic() + 0.2
             total = int(rate * duration)
             await asyncio.gather(
