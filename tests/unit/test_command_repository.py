@@ -56,8 +56,9 @@ SESSION = Session(
 def _by_id(query: dict[str, Any]) -> str:
     """The `_id` a query names: FerretDB (as built, see tools/ferretdb/README.md) reads that one
     row by the `_id` index; any query without a plain `_id` reads every row of the table."""
-    assert isinstance(query.get("_id"), str), f"{query}: FerretDB scans the collection for this"
-    return query["_id"]
+    key = query.get("_id")
+    assert isinstance(key, str), f"{query}: FerretDB scans the collection for this"
+    return key
 
 
 def _matches(document: dict[str, Any], query: dict[str, Any]) -> bool:

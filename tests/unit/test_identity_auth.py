@@ -451,7 +451,13 @@ class SwitchableKeys:
 
 def signed(private: ec.EllipticCurvePrivateKey, kid: str, expires_in: float) -> str:
     now = time.time()
-    claims = {"sub": "organizations/a/users/u", "org": ORG_A, "role": "clinician", "iss": "medmesh", "aud": "medmesh"}
+    claims: dict[str, Any] = {
+        "sub": "organizations/a/users/u",
+        "org": ORG_A,
+        "role": "clinician",
+        "iss": "medmesh",
+        "aud": "medmesh",
+    }
     claims |= {"iat": int(now), "exp": int(now + expires_in)}  # whole seconds, as PyJWT reads them
     return jwt.encode(claims, private, algorithm="ES256", headers={"kid": kid})
 
