@@ -76,4 +76,3 @@ def test_a_conditional_replace_by_id_is_a_forward_only_write(things: Collection[
     assert things.find_one({"_id": "guarded"}) == {"_id": "guarded", "revision": 4}
     assert things.delete_one({"_id": "guarded", "revision": 3}).deleted_count == 0
     assert things.delete_one({"_id": "guarded", "revision": 4}).deleted_count == 1
-
