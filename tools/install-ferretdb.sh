@@ -9,7 +9,7 @@
 # builds it again.
 set -euo pipefail
 VERSION="${FERRETDB_VERSION:-v1.24.2}"
-BUILD="$VERSION-medmesh.2"
+BUILD="$VERSION-medmesh.1"
 PATCHES="$(cd "$(dirname "$0")/ferretdb" && pwd)"
 DEST="${MEDMESH_CACHE_DIR:-$HOME/.cache/medmesh}/ferretdb-$BUILD"
 if [ -x "$DEST/ferretdb" ] && "$DEST/ferretdb" --version >/dev/null 2>&1; then

@@ -19,7 +19,7 @@ from medmesh.runtime.settings import DEFAULT_GRPC_PORTS
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 FERRETDB_VERSION = "v1.24.2"
 # FerretDB as tools/install-ferretdb.sh builds it: the release plus the patches in tools/ferretdb/.
-FERRETDB_BUILD = f"{FERRETDB_VERSION}-medmesh.2"
+FERRETDB_BUILD = f"{FERRETDB_VERSION}-medmesh.1"
 
 # Embedded defaults; the gRPC services' ports come from DEFAULT_GRPC_PORTS.
 BASE_PORTS: dict[str, int] = {

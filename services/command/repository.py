@@ -129,15 +129,18 @@ class RevisionedRepository(MongoRepository[R]):
     async def _write(self, document: Document) -> bool:
         """Writes `document` unless a newer revision is stored; True if it wrote.
 
-        Forward only: a slow writer must not put an older revision back over a newer one. FerretDB
-        reads the one document by `_id` and checks the revision (tools/ferretdb/README.md), but
-        not atomically; the log makes that safe: a stale write that slips in between is rolled
+        Forward only: a slow writer must not put an older revision back over a newer one. The
+        check is a read by `_id`, then a replace by `_id`, rather than one replace filtered on
+        `{_id, revision: {$lt: r}}`: FerretDB pushes only an exact `_id` filter down to SQLite
+        and answers any other by reading every document of the collection. Neither form is atomic
+        there, and the log makes that safe: a stale write that slips in between is rolled
         forward by the next `get`.
         """
-        result = await self._collection.replace_one(
-            {"_id": document["_id"], "revision": {"$lt": document["revision"]}}, document
-        )
-        return result.matched_count == 1
+        stored = await self._collection.find_one({"_id": document["_id"]}, {"revision": 1})
+        if stored is None or stored["revision"] >= document["revision"]:
+            return False
+        await self._collection.replace_one({"_id": document["_id"]}, document)
+        return True
 
 
 class CommandRepository(RevisionedRepository[Command]):

@@ -55,9 +55,10 @@ SESSION = Session(
 
 def _by_id(query: dict[str, Any]) -> str:
     """The `_id` a query names: FerretDB (as built, see tools/ferretdb/README.md) reads that one
-    row by the `_id` index; any query without a plain `_id` reads every row of the table."""
+    row by the `_id` index for a filter of `_id` alone, and reads every row for any other."""
     key = query.get("_id")
-    assert isinstance(key, str), f"{query}: FerretDB scans the collection for this"
+    assert set(query) == {"_id"}, f"{query}: FerretDB scans the collection for this"
+    assert isinstance(key, str)
     return key
 
 
